@@ -1,0 +1,32 @@
+"""fadcore: federated automatic differentiation.
+
+Trace federated Python functions into a placement-typed dataflow graph, differentiate across
+communication boundaries in forward, reverse or mixed mode, and run the result fast.
+"""
+
+from __future__ import annotations
+
+from . import ops as _ops  # noqa: F401  (defines the primitives)
+from . import numpy, nn, pytree  # noqa: F401
+from .backends import run, set_default_backend, default_backend
+from .errors import (CardinalityError, ClosureError, DifferentiationError, DTypeError,
+                     FadError, LoweringError, PlacementError, SerializationError, ShapeError,
+                     TracingError, VerificationError)
+from .federated import broadcast, map, mean, num_clients, secure_sum, sum, weighted_mean
+from .ir.graph import Graph
+from .ir.types import (CLIENTS, SERVER, DType, FederatedType, Placement, TensorType, bool_,
+                       f32, f64, i32, i64)
+from .tracing import TracedFunction, trace
+from .values import ClientValues, clients
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "trace", "TracedFunction", "Graph", "run", "clients", "ClientValues",
+    "broadcast", "sum", "mean", "weighted_mean", "secure_sum", "num_clients", "map",
+    "SERVER", "CLIENTS", "Placement", "TensorType", "FederatedType", "DType",
+    "f64", "f32", "i64", "i32", "bool_", "numpy", "nn",
+    "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",
+    "SerializationError", "VerificationError", "DifferentiationError", "CardinalityError",
+    "LoweringError", "TracingError", "set_default_backend", "default_backend",
+]

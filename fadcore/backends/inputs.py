@@ -1,0 +1,95 @@
+"""Checking and normalising run-time arguments, shared by every backend.
+
+Bad input is reported here, before any backend runs: wrong dtypes or shapes, client values
+where server values belong (and vice versa), clients that disagree on their number or on their
+row count. NaN and inf are not errors: they propagate as in IEEE arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import CardinalityError, DTypeError, PlacementError, ShapeError
+from ..ir.graph import Graph
+from ..ir.types import CLIENTS, SERVER
+from ..values import ClientValues
+
+
+@dataclass
+class Inputs:
+    values: list            # per graph input: ndarray (SERVER) or list of ndarrays (CLIENTS)
+    num_clients: int | None
+    rows: np.ndarray | None  # per-client row count where the graph has ragged values
+
+
+def _uses_clients(graph: Graph) -> bool:
+    return any(v.type.placement is CLIENTS for v in graph.inputs) or any(
+        e.out.type.placement is CLIENTS for e in graph.eqns)
+
+
+def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inputs:
+    n_user = len(graph.inputs) - graph.meta.get("num_captured", 0)
+    if len(leaves) != n_user:
+        raise ShapeError(f"{graph.name}: expected {n_user} arguments, got {len(leaves)}")
+    values: list = []
+    n = num_clients
+    n_from = "num_clients=" if n is not None else None
+    rows = None
+    rows_from = None
+    for k, (v, x) in enumerate(zip(graph.inputs, leaves)):
+        t = v.type
+        what = f"argument {k} of {graph.name} ({t})"
+        if t.placement is SERVER:
+            if isinstance(x, ClientValues):
+                raise PlacementError(f"{what}: got client values; a server value is a NumPy array")
+            arr = np.asarray(x)
+            if arr.dtype != t.dtype.np:
+                if isinstance(x, (int, float)) or (arr.dtype.kind in "iu" and t.dtype.is_float
+                                                   and arr.ndim == 0):
+                    arr = arr.astype(t.dtype.np)
+                else:
+                    raise DTypeError(f"{what}: got dtype {arr.dtype}")
+            if arr.shape != t.shape:
+                raise ShapeError(f"{what}: got shape {arr.shape}")
+            values.append(np.ascontiguousarray(arr))
+            continue
+        if not isinstance(x, ClientValues):
+            raise PlacementError(f"{what}: expects client values; wrap per-client arrays with "
+                                 "fad.clients([...])")
+        if n is None:
+            n, n_from = len(x), f"argument {k}"
+        elif len(x) != n:
+            raise CardinalityError(f"{what}: has {len(x)} clients but {n_from} has {n}")
+        members = []
+        for i, m in enumerate(x.members):
+            if m.dtype != t.dtype.np:
+                raise DTypeError(f"{what}: client {i} has dtype {m.dtype}")
+            if m.ndim != len(t.shape):
+                raise ShapeError(f"{what}: client {i} has shape {m.shape}")
+            for d, (want, got) in enumerate(zip(t.shape, m.shape)):
+                if want is None:
+                    if rows is None:
+                        rows = np.full(n, -1, dtype=np.int64)
+                    if rows[i] < 0:
+                        rows[i] = got
+                        rows_from = rows_from or f"argument {k}"
+                    elif rows[i] != got:
+                        raise ShapeError(
+                            f"{what}: client {i} has {got} rows on axis {d} but {rows[i]} on an "
+                            f"earlier ragged axis; a client's ragged dimensions (?) are all its "
+                            "row count")
+                elif want != got:
+                    raise ShapeError(f"{what}: client {i} has shape {m.shape}")
+            members.append(np.ascontiguousarray(m))
+        values.append(members)
+    if n is None and _uses_clients(graph):
+        raise CardinalityError(
+            f"{graph.name} runs at CLIENTS but no argument is client-placed: pass num_clients= "
+            "to fad.run")
+    if n is not None and n < 1:
+        raise CardinalityError("a federated computation needs at least one client")
+    if rows is not None and (rows < 0).any():
+        raise ShapeError("internal: a client's row count could not be determined")
+    return Inputs(values, n, rows)

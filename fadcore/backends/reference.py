@@ -1,0 +1,94 @@
+"""The reference evaluator: plain NumPy, one equation at a time, one client at a time.
+
+It is the oracle every other backend is tested against, so it is written for clarity, not
+speed. Client values are Python lists of per-client arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import ops
+from ..core import impl_rules
+from ..errors import LoweringError
+from ..ir.graph import Graph, Literal
+from ..ir.types import CLIENTS
+from ..values import ClientValues
+from .inputs import Inputs
+
+fed_impls = {}
+
+
+def _broadcast(n, rows, x):
+    return [x] * n
+
+
+def _sum(n, rows, x):
+    return np.sum(np.stack(x), axis=0)
+
+
+def _mean(n, rows, x):
+    return np.mean(np.stack(x), axis=0)
+
+
+def _weighted_mean(n, rows, x, w):
+    w = np.asarray(w, dtype=np.result_type(x[0]))
+    return np.tensordot(w, np.stack(x), axes=1) / np.sum(w)
+
+
+fed_impls[ops.broadcast_p] = _broadcast
+fed_impls[ops.sum_p] = _sum
+fed_impls[ops.secure_sum_p] = _sum
+fed_impls[ops.mean_p] = _mean
+fed_impls[ops.weighted_mean_p] = _weighted_mean
+fed_impls[ops.num_clients_p] = lambda n, rows: np.asarray(float(n))
+fed_impls[ops.after_p] = lambda n, rows, x, token: x
+
+
+def _resolve(prim, params, rows_i):
+    if not prim.shape_params:
+        return params
+    out = dict(params)
+    for k in prim.shape_params:
+        out[k] = ops._resolve(out[k], None if rows_i is None else int(rows_i))
+    return out
+
+
+def execute(graph: Graph, inputs: Inputs) -> list:
+    n, rows = inputs.num_clients, inputs.rows
+    env = dict(zip(graph.inputs, inputs.values))
+
+    def read(a):
+        return a.value if isinstance(a, Literal) else env[a]
+
+    for e in graph.eqns:
+        args = [read(a) for a in e.inputs]
+        if e.prim.kind == "federated":
+            env[e.out] = fed_impls[e.prim](n, rows, *args)
+            continue
+        impl = impl_rules.get(e.prim)
+        if impl is None:
+            raise LoweringError(f"reference backend: no implementation of {e.prim.name}")
+        if e.out.type.placement is CLIENTS:
+            client = [not isinstance(a, Literal) and a.type.placement is CLIENTS
+                      for a in e.inputs]
+            env[e.out] = [
+                _cast(impl(*[v[i] if c else v for v, c in zip(args, client)],
+                           **_resolve(e.prim, e.params, None if rows is None else rows[i])),
+                      e.out.type)
+                for i in range(n)]
+        else:
+            env[e.out] = _cast(impl(*args, **e.params), e.out.type)
+    outs = []
+    for a, t in zip(graph.outputs, graph.out_types):
+        v = read(a)
+        if t.placement is CLIENTS:
+            outs.append(ClientValues([np.asarray(m) for m in v], all_equal=t.all_equal))
+        else:
+            outs.append(np.asarray(v, dtype=t.dtype.np))
+    return outs
+
+
+def _cast(x, t):
+    x = np.asarray(x)
+    return x if x.dtype == t.dtype.np else x.astype(t.dtype.np)

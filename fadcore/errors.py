@@ -1,0 +1,55 @@
+"""Typed errors. Every error fadcore raises on bad input is a :class:`FadError`."""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",
+    "SerializationError", "VerificationError", "DifferentiationError",
+    "CardinalityError", "LoweringError", "TracingError",
+]
+
+
+class FadError(Exception):
+    """Base class of every fadcore error."""
+
+
+class PlacementError(FadError):
+    """A value is used at a placement it does not live at (e.g. SERVER data in client code)."""
+
+
+class ShapeError(FadError, ValueError):
+    """Operand shapes do not fit an operation, or run-time data does not fit a graph's types."""
+
+
+class DTypeError(FadError, builtins.TypeError):
+    """Operand dtypes do not fit an operation (e.g. a float where integer labels are needed)."""
+
+
+class ClosureError(FadError):
+    """A derivative cannot be computed with the primitives a policy allows."""
+
+
+class SerializationError(FadError, ValueError):
+    """A serialized graph is malformed, truncated, of an unknown version, or hostile."""
+
+
+class VerificationError(FadError):
+    """A graph is not well typed. Raised by the verifier."""
+
+
+class DifferentiationError(FadError):
+    """A derivative was asked for something that has none (integer inputs, missing rules...)."""
+
+
+class CardinalityError(FadError, ValueError):
+    """Client-placed arguments disagree on the number of clients, or it cannot be known."""
+
+
+class LoweringError(FadError):
+    """A backend cannot execute a graph (raised before anything runs)."""
+
+
+class TracingError(FadError):
+    """A Python function cannot be traced (e.g. it branches on a traced value)."""

@@ -1,0 +1,154 @@
+"""The IR: a flat SSA graph of equations over typed variables.
+
+Lean nodes, as in JAX's jaxprs: a :class:`Var` holds only its type (names are made when
+printing), a :class:`Literal` holds a constant and its tensor type (literals take the placement
+of the equation using them), an :class:`Eqn` applies one primitive to atoms and defines one
+variable. A :class:`Graph` lists its input variables, its equations in a valid order and its
+output atoms, plus the pytree structure of its arguments and results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+from .. import pytree
+from .types import SERVER, FederatedType, TensorType, dtype_of
+
+__all__ = ["Var", "Literal", "Eqn", "Graph", "Atom"]
+
+
+class Var:
+    __slots__ = ("type",)
+
+    def __init__(self, type: FederatedType):
+        self.type = type
+
+    def __repr__(self) -> str:
+        return f"Var({self.type})"
+
+
+class Literal:
+    """A constant. Its placement is that of the equation that uses it."""
+
+    __slots__ = ("value", "type")
+
+    def __init__(self, value):
+        value = np.asarray(value)
+        self.value = value
+        self.type = TensorType(dtype_of(value.dtype), tuple(int(d) for d in value.shape))
+
+    def key(self):
+        return (self.type, self.value.tobytes())
+
+    def __repr__(self) -> str:
+        return f"Literal({self.value!r})"
+
+
+Atom = Var | Literal
+
+
+class Eqn:
+    __slots__ = ("prim", "inputs", "out", "params", "source")
+
+    def __init__(self, prim, inputs, out: Var, params: dict, source: str | None = None):
+        self.prim = prim
+        self.inputs = tuple(inputs)
+        self.out = out
+        self.params = params
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"Eqn({self.prim.name}, {len(self.inputs)} inputs -> {self.out.type})"
+
+
+def atom_type(a: Atom) -> FederatedType:
+    """The federated type of an atom; literals standing alone are server values."""
+    return a.type if isinstance(a, Var) else FederatedType(a.type, SERVER, True)
+
+
+class Graph:
+    """A traced federated computation. ``str(graph)`` is its text form."""
+
+    __slots__ = ("inputs", "eqns", "outputs", "in_tree", "out_tree", "name", "meta",
+                 "_lowered")
+
+    def __init__(self, inputs, eqns, outputs, in_tree=None, out_tree=None, name="f",
+                 meta=None):
+        self.inputs = list(inputs)
+        self.eqns = list(eqns)
+        self.outputs = list(outputs)
+        self.in_tree = in_tree if in_tree is not None else (
+            "tuple", tuple(pytree.LEAF for _ in self.inputs))
+        self.out_tree = out_tree if out_tree is not None else (
+            pytree.LEAF if len(self.outputs) == 1 else
+            ("tuple", tuple(pytree.LEAF for _ in self.outputs)))
+        self.name = name
+        self.meta = dict(meta or {})
+        self._lowered = {}
+
+    # -- types ---------------------------------------------------------------------------
+    @property
+    def in_types(self) -> list[FederatedType]:
+        return [v.type for v in self.inputs]
+
+    @property
+    def out_types(self) -> list[FederatedType]:
+        return [atom_type(a) for a in self.outputs]
+
+    def __iter__(self) -> Iterator[Eqn]:
+        return iter(self.eqns)
+
+    def __len__(self) -> int:
+        return len(self.eqns)
+
+    # -- views ---------------------------------------------------------------------------
+    def __str__(self) -> str:
+        from .printer import pp_graph
+        return pp_graph(self)
+
+    def __repr__(self) -> str:
+        return (f"<fad.Graph {self.name}: {len(self.inputs)} inputs, {len(self.eqns)} eqns, "
+                f"{len(self.outputs)} outputs>")
+
+    def primitives(self) -> dict[str, int]:
+        """Primitive name -> number of equations using it."""
+        counts: dict[str, int] = {}
+        for e in self.eqns:
+            counts[e.prim.name] = counts.get(e.prim.name, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def verify(self) -> "Graph":
+        from .verifier import verify
+        verify(self)
+        return self
+
+    def to_networkx(self):
+        from .export import to_networkx
+        return to_networkx(self)
+
+    def to_dot(self) -> str:
+        from .export import to_dot
+        return to_dot(self)
+
+    def to_json(self, indent: int | None = None) -> str:
+        from .serialize import to_json
+        return to_json(self, indent=indent)
+
+    @staticmethod
+    def from_json(text: str | bytes) -> "Graph":
+        from .serialize import from_json
+        return from_json(text)
+
+    def rounds(self):
+        from .rounds import rounds
+        return rounds(self)
+
+    # -- structure helpers ---------------------------------------------------------------
+    def replace(self, **kw: Any) -> "Graph":
+        fields = dict(inputs=self.inputs, eqns=self.eqns, outputs=self.outputs,
+                      in_tree=self.in_tree, out_tree=self.out_tree, name=self.name,
+                      meta=self.meta)
+        fields.update(kw)
+        return Graph(**fields)

@@ -1,0 +1,80 @@
+"""The text form of graphs: JAX-style SSA with TFF placement notation.
+
+    { lambda a:f64[32]@SERVER b:{f64[?,32]}@CLIENTS .
+      let c:f64[32]@CLIENTS = broadcast a
+          d:{f64[?]}@CLIENTS = matvec b c
+      in ( d ) }
+
+Variable names are made at print time (a, b, ..., z, ba, bb, ...).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .graph import Graph, Literal, Var
+
+
+def _name(i: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    s = ""
+    while True:
+        s = letters[i % 26] + s
+        i //= 26
+        if i == 0:
+            return s
+
+
+def pp_literal(lit: Literal) -> str:
+    v = lit.value
+    if v.ndim == 0:
+        x = v.item()
+        if isinstance(x, float):
+            s = repr(x)
+            return s if lit.type.dtype.name == "f64" else f"{s}:{lit.type.dtype}"
+        if isinstance(x, bool):
+            return str(x)
+        return str(x) if lit.type.dtype.name == "i64" else f"{x}:{lit.type.dtype}"
+    if v.size <= 6:
+        body = np.array2string(v, separator=",", max_line_width=10**6).replace("\n", "")
+        return f"{lit.type}{body}"
+    return f"{lit.type}{{...}}"
+
+
+def pp_param(v) -> str:
+    if isinstance(v, tuple):
+        return "(" + ",".join("?" if x is None else pp_param(x) for x in v) + (
+            ",)" if len(v) == 1 else ")")
+    if v is None:
+        return "?"
+    return str(v)
+
+
+class Namer:
+    def __init__(self):
+        self.names: dict[Var, str] = {}
+
+    def __call__(self, v) -> str:
+        if isinstance(v, Literal):
+            return pp_literal(v)
+        n = self.names.get(v)
+        if n is None:
+            n = self.names[v] = _name(len(self.names))
+        return n
+
+
+def pp_graph(g: Graph) -> str:
+    name = Namer()
+    ins = " ".join(f"{name(v)}:{v.type}" for v in g.inputs)
+    lines = [f"{{ lambda {ins} ."]
+    for k, e in enumerate(g.eqns):
+        params = ""
+        if e.params:
+            params = "[" + ", ".join(f"{k_}={pp_param(v)}" for k_, v in e.params.items()) + "]"
+        args = " ".join(name(a) for a in e.inputs)
+        lhs = f"{name(e.out)}:{e.out.type}"
+        prefix = "  let " if k == 0 else "      "
+        lines.append(f"{prefix}{lhs} = {e.prim.name}{params}{' ' + args if args else ''}")
+    outs = ", ".join(name(a) for a in g.outputs)
+    lines.append(f"  in ( {outs} ) }}")
+    return "\n".join(lines)

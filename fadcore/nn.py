@@ -1,0 +1,40 @@
+"""Neural-network helpers built from :mod:`fadcore.numpy`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import numpy as fnp
+from . import ops, pytree
+
+__all__ = ["softmax_cross_entropy", "clip_by_norm", "global_norm", "sigmoid_cross_entropy"]
+
+
+def softmax_cross_entropy(logits, labels):
+    """Per-row loss ``logsumexp(logits) - logits[label]`` for integer labels (one per row)."""
+    lse = fnp.logsumexp(logits, axis=-1)
+    idx = fnp.expand_dims(labels, -1)
+    picked = fnp.take_along_axis(logits, idx, axis=-1)
+    return lse - fnp.squeeze(picked, -1)
+
+
+def sigmoid_cross_entropy(logits, labels):
+    """Per-element logistic loss for 0/1 labels: ``log(1 + e^z) - y z``."""
+    labels = fnp.astype(labels, ops.tensor_type(logits).dtype)
+    return fnp.softplus(logits) - labels * logits
+
+
+def global_norm(tree):
+    leaves, _ = pytree.flatten(tree)
+    total = fnp.sum(fnp.square(leaves[0]))
+    for leaf in leaves[1:]:
+        total = total + fnp.sum(fnp.square(leaf))
+    return fnp.sqrt(total)
+
+
+def clip_by_norm(x, c):
+    """``x * min(1, c / ||x||)`` with the global norm over all leaves of a pytree ``x``."""
+    leaves, tree = pytree.flatten(x)
+    norm = global_norm(x)
+    scale = fnp.minimum(np.float64(1.0), c / norm)
+    return pytree.unflatten(tree, [leaf * scale for leaf in leaves])

@@ -1,0 +1,115 @@
+"""``@fad.trace``: Python functions to federated graphs, cached per abstract signature."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+
+from . import pytree
+from .core import Tracer, current_builder, inline, trace_to_graph
+from .errors import DTypeError, ShapeError, TracingError
+from .ir.graph import Graph
+from .ir.types import SERVER, FederatedType, TensorType, dtype_of
+from .values import ClientValues
+
+__all__ = ["trace", "TracedFunction", "abstractify", "signature"]
+
+
+def abstractify(x) -> FederatedType:
+    """The federated type of an argument: a value, a Tracer, or a type."""
+    if isinstance(x, Tracer):
+        return x.type
+    if isinstance(x, FederatedType):
+        return x
+    if isinstance(x, TensorType):
+        return FederatedType(x, SERVER, True)
+    if isinstance(x, ClientValues):
+        return x.type
+    if isinstance(x, (bool, int, float, np.ndarray, np.generic)):
+        arr = np.asarray(x)
+        return FederatedType(TensorType(dtype_of(arr.dtype), tuple(arr.shape)), SERVER, True)
+    if isinstance(x, (list, tuple)):
+        raise TracingError("internal: pytree node reached abstractify")
+    raise DTypeError(
+        f"cannot pass a {type(x).__name__} to a traced function: use NumPy arrays (server "
+        "values), fad.clients(...) (client values), or fad types such as fad.f64[3] @ fad.SERVER")
+
+
+def signature(args: tuple) -> tuple[tuple, tuple[FederatedType, ...], list]:
+    leaves, tree = pytree.flatten(tuple(args))
+    return tree, tuple(abstractify(x) for x in leaves), leaves
+
+
+class TracedFunction:
+    """A function traced to a graph once per abstract signature.
+
+    Call it on values to run it (numba backend by default), on traced values inside another
+    trace to inline it, or ask ``.graph(*values_or_types)`` for its IR.
+    """
+
+    def __init__(self, make_graph: Callable, name: str, doc: str | None = None,
+                 fun: Callable | None = None):
+        self._make_graph = make_graph         # (in_tree, in_types) -> (Graph, captured)
+        self.__name__ = name
+        self.__doc__ = doc
+        self.fun = fun
+        self._cache: dict = {}
+
+    def _graph_for(self, tree, types) -> tuple[Graph, list]:
+        key = (tree, types)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit, []
+        graph, captured = self._make_graph(tree, list(types))
+        if not captured:
+            self._cache[key] = graph
+        return graph, captured
+
+    def graph(self, *args) -> Graph:
+        """The graph of this function at the given values or types."""
+        tree, types, _ = signature(args)
+        graph, captured = self._graph_for(tree, types)
+        if captured:
+            raise TracingError(
+                f"{self.__name__} closes over traced values of an enclosing trace; its graph "
+                "exists only inside that trace")
+        return graph
+
+    def __call__(self, *args):
+        tree, types, leaves = signature(args)
+        graph, captured = self._graph_for(tree, types)
+        if current_builder() is not None or any(isinstance(x, Tracer) for x in leaves):
+            outs = inline(graph, list(leaves) + list(captured))
+            return pytree.unflatten(graph.out_tree, outs)
+        from .backends import run_flat
+        return pytree.unflatten(graph.out_tree, run_flat(graph, leaves))
+
+    def run(self, *args, backend: str | None = None, **kw):
+        """Run with an explicit backend (``"numba"``, ``"reference"``, ``"dask"``)."""
+        from .backends import run
+        return run(self.graph(*args), *args, backend=backend, **kw)
+
+    def __repr__(self) -> str:
+        return f"<fad traced function {self.__name__}>"
+
+
+def trace(fun: Callable | None = None, *, name: str | None = None):
+    """Decorator: trace ``fun`` into a placement-typed federated graph."""
+    if fun is None:
+        return functools.partial(trace, name=name)
+    if isinstance(fun, TracedFunction):
+        return fun
+    fname = name or getattr(fun, "__name__", "f")
+
+    def make_graph(tree, types):
+        return trace_to_graph(fun, types, tree, fname)
+
+    tf = TracedFunction(make_graph, fname, getattr(fun, "__doc__", None), fun)
+    functools.update_wrapper(tf, fun, updated=())
+    return tf
+
+
+def as_traced(f) -> TracedFunction:
+    return f if isinstance(f, TracedFunction) else trace(f)

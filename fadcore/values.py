@@ -1,0 +1,99 @@
+"""Client-placed values: one array per client, members may differ in their rows."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from .errors import DTypeError, ShapeError
+from .ir.types import CLIENTS, FederatedType, TensorType, dtype_of
+
+__all__ = ["ClientValues", "clients"]
+
+
+class ClientValues:
+    """The members of a client-placed value, in client order.
+
+    ``len(cv)`` is the number of clients, ``cv[i]`` client i's array, ``cv.tolist()`` all of
+    them, ``cv.stack()`` / ``np.asarray(cv)`` one array with a leading clients axis (only when
+    every member has the same shape).
+    """
+
+    __slots__ = ("members", "all_equal")
+
+    def __init__(self, members: Iterable, all_equal: bool = False):
+        ms = [np.asarray(m) for m in members]
+        if not ms:
+            raise ShapeError("fad.clients: needs at least one client")
+        dts = {m.dtype for m in ms}
+        if len(dts) > 1:
+            raise DTypeError(f"fad.clients: members have different dtypes {sorted(map(str, dts))}")
+        nds = {m.ndim for m in ms}
+        if len(nds) > 1:
+            raise ShapeError(f"fad.clients: members have different ranks {sorted(nds)}")
+        if ms[0].dtype == np.float16 or ms[0].dtype.kind not in "fib":
+            raise DTypeError(f"fad.clients: dtype {ms[0].dtype} is not supported")
+        self.members = ms
+        self.all_equal = all_equal
+
+    # -- sequence protocol ---------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ClientValues(self.members[i])
+        return self.members[i]
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def tolist(self) -> list[np.ndarray]:
+        return list(self.members)
+
+    def stack(self) -> np.ndarray:
+        shapes = {m.shape for m in self.members}
+        if len(shapes) > 1:
+            raise ShapeError(
+                f"cannot stack client values of different shapes {sorted(shapes)[:3]}...; "
+                "use .tolist()")
+        return np.stack(self.members)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.stack()
+        return out if dtype is None else out.astype(dtype)
+
+    # -- types ---------------------------------------------------------------------------
+    @property
+    def dtype(self):
+        return self.members[0].dtype
+
+    @property
+    def type(self) -> FederatedType:
+        """Federated type: dims on which the members differ are ragged (``?``)."""
+        first = self.members[0].shape
+        shape = tuple(
+            d if all(m.shape[i] == d for m in self.members) else None
+            for i, d in enumerate(first))
+        return FederatedType(TensorType(dtype_of(self.dtype), shape), CLIENTS, self.all_equal)
+
+    def __repr__(self) -> str:
+        return f"fad.clients({len(self)} members, {self.type})"
+
+    def __eq__(self, other):
+        return NotImplemented
+
+    __hash__ = None
+
+
+def clients(values, all_equal: bool = False) -> ClientValues:
+    """Client-placed data: a list with one array per client, or an array whose first axis
+    indexes clients."""
+    if isinstance(values, ClientValues):
+        return values
+    if isinstance(values, np.ndarray):
+        if values.ndim == 0:
+            raise ShapeError("fad.clients: a stacked array needs a leading clients axis")
+        return ClientValues(list(values), all_equal)
+    return ClientValues(list(values), all_equal)
