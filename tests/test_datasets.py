@@ -81,7 +81,7 @@ def test_synthetic_size_distribution_is_lognormal_plus_offset():
     # Without effective clipping, n_k = floor(lognormal(4, 2)) + 50: its median is
     # about exp(4) + 50 and log(n_k - 50) has spread ~2.
     ds = synthetic(num_clients=400, dim=2, num_classes=2, seed=1, min_samples=2,
-                   max_samples=10**9)
+                   max_samples=10**5)
     totals = ds.sizes + ds.test_sizes
     assert totals.min() >= 50
     logs = np.log(totals[totals > 51] - 50)
@@ -334,6 +334,17 @@ def test_dirichlet_partition_covers_rows_and_skews_labels():
     assert tv[100.0] < 0.15
     with pytest.raises(ValueError):
         dirichlet_partition(labels, 400, 1.0, np.random.default_rng(0), min_samples=10)
+
+
+def test_dirichlet_partition_tops_up_small_clients():
+    labels = np.random.default_rng(0).integers(0, 10, size=600)
+    raw = dirichlet_partition(labels, 40, 0.05, np.random.default_rng(2), min_samples=0)
+    assert min(len(p) for p in raw) < 5  # without top-up some clients are tiny
+    parts = dirichlet_partition(labels, 40, 0.05, np.random.default_rng(2), min_samples=5)
+    assert min(len(p) for p in parts) >= 5
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(600))
+    # topping up keeps the partition strongly label-skewed
+    assert mean_tv_to_global([labels[p] for p in parts], 10) > 0.5
 
 
 @pytest.fixture(scope="module")
