@@ -30,3 +30,8 @@ __all__ = [
     "SerializationError", "VerificationError", "DifferentiationError", "CardinalityError",
     "LoweringError", "TracingError", "set_default_backend", "default_backend",
 ]
+
+from .api import grad, hvp, jacfwd, jvp, value_and_grad, vjp  # noqa: E402
+from .policy import Policy, audit  # noqa: E402
+
+__all__ += ["grad", "value_and_grad", "jvp", "vjp", "hvp", "jacfwd", "Policy", "audit"]

@@ -301,6 +301,8 @@ def _mul_jvp(primals, tangents):
     tx, ty = tangents
     out = mul(x, y)
     ot = tensor_type(out)
+    if x is y and not is_zero(tx):               # x * x: one term, 2 x t
+        return out, mul(tx, mul(x, 2.0))
     t = Zero(ot)
     if not is_zero(tx):
         t = _fit(mul(tx, y), ot)
@@ -1119,6 +1121,11 @@ def _num_clients_type() -> FederatedType:
 
 def _after_type(x: FederatedType, token: FederatedType) -> FederatedType:
     return x
+
+
+def atom_type(a) -> FederatedType:
+    from .ir.graph import atom_type as _at
+    return _at(a)
 
 
 broadcast_p = Primitive("broadcast", "federated", type_rule=_broadcast_type)

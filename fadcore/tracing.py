@@ -58,6 +58,7 @@ class TracedFunction:
         self._cache: dict = {}
 
     def _graph_for(self, tree, types) -> tuple[Graph, list]:
+        types = tuple(types)
         key = (tree, types)
         hit = self._cache.get(key)
         if hit is not None:

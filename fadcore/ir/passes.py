@@ -1,0 +1,66 @@
+"""Graph clean-up passes: dead-code elimination and common-subexpression elimination.
+
+Both keep the graph's inputs and output structure. Every primitive is pure, so an equation
+whose result is not needed can go, and two equations applying the same primitive with the same
+params to the same operands compute the same value. ``after`` is a real data edge (it fixes
+the round a value becomes available), so it is kept like any other operand.
+"""
+
+from __future__ import annotations
+
+from .graph import Eqn, Graph, Literal, Var
+
+
+def dce(g: Graph) -> Graph:
+    live = {a for a in g.outputs if isinstance(a, Var)}
+    kept = []
+    for e in reversed(g.eqns):
+        if e.out in live:
+            kept.append(e)
+            live.update(a for a in e.inputs if isinstance(a, Var))
+    kept.reverse()
+    return g if len(kept) == len(g.eqns) else g.replace(eqns=kept)
+
+
+def _freeze(v):
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    return v
+
+
+def cse(g: Graph) -> Graph:
+    subst: dict[Var, Var] = {}
+    seen: dict[tuple, Var] = {}
+    eqns = []
+
+    def key_of(a):
+        if isinstance(a, Literal):
+            return ("lit",) + a.key()
+        return id(subst.get(a, a))
+
+    def sub(a):
+        return subst.get(a, a) if isinstance(a, Var) else a
+
+    for e in g.eqns:
+        k = (e.prim.name, tuple(key_of(a) for a in e.inputs), _freeze(e.params))
+        hit = seen.get(k)
+        if hit is not None and hit.type == e.out.type:
+            subst[e.out] = hit
+            continue
+        seen[k] = e.out
+        inputs = tuple(sub(a) for a in e.inputs)
+        eqns.append(e if inputs == e.inputs else Eqn(e.prim, inputs, e.out, e.params, e.source))
+    if not subst:
+        return g
+    return g.replace(eqns=eqns, outputs=[sub(a) for a in g.outputs])
+
+
+def simplify(g: Graph) -> Graph:
+    """CSE then DCE, until nothing changes."""
+    while True:
+        n = len(g.eqns)
+        g = dce(cse(g))
+        if len(g.eqns) == n:
+            return g

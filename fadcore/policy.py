@@ -1,0 +1,52 @@
+"""Aggregation policies and the closure audit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ir.graph import Graph
+
+__all__ = ["Policy", "audit"]
+
+_AGG = {"sum", "mean", "weighted_mean", "secure_sum"}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which clients->server flows a computation and its derivatives may use.
+
+    ``Policy(aggregation="secure_sum")``: every clients->server flow must be a ``secure_sum``
+    (secure aggregation). ``Policy()`` allows every aggregation."""
+
+    aggregation: str = "any"
+
+    def __post_init__(self):
+        if self.aggregation not in ("any", "secure_sum"):
+            raise ValueError("Policy(aggregation=...) is 'any' or 'secure_sum', "
+                             f"got {self.aggregation!r}")
+
+    @property
+    def secure(self) -> bool:
+        return self.aggregation == "secure_sum"
+
+    def allows(self, prim_name: str) -> bool:
+        return not self.secure or prim_name not in _AGG or prim_name == "secure_sum"
+
+    def __str__(self) -> str:
+        return f"Policy(aggregation={self.aggregation!r})"
+
+
+def audit(graph: Graph, policy: Policy) -> list[str]:
+    """Every equation of ``graph`` the policy forbids, as readable lines (empty: compliant)."""
+    from .ir.printer import Namer
+    name = Namer()
+    for v in graph.inputs:
+        name(v)
+    out = []
+    for k, e in enumerate(graph.eqns):
+        name(e.out)
+        if not policy.allows(e.prim.name):
+            src = f" (from {e.source})" if e.source else ""
+            out.append(f"equation {k}: {name(e.out)} = {e.prim.name} ... is a clients->server "
+                       f"flow that {policy} forbids{src}")
+    return out
