@@ -35,3 +35,7 @@ from .api import grad, hvp, jacfwd, jvp, value_and_grad, vjp  # noqa: E402
 from .policy import Policy, audit  # noqa: E402
 
 __all__ += ["grad", "value_and_grad", "jvp", "vjp", "hvp", "jacfwd", "Policy", "audit"]
+from .ir.cost import CostReport, cost, cost_table  # noqa: E402
+from .modes.mixed import CostWeights, explain  # noqa: E402
+
+__all__ += ["cost", "cost_table", "CostReport", "CostWeights", "explain"]

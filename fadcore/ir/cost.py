@@ -1,0 +1,145 @@
+"""Communication and compute cost of a graph, per the rounds it decomposes into.
+
+Figures are per client unless named ``total``: bytes down are what one client receives
+(every broadcast operand, in every round it is sent), bytes up what one client sends (every
+aggregation operand; a weighted mean also sends its weight), client state the largest amount a
+client keeps between two rounds, FLOPs a simple count (one per element for elementwise work,
+2mkn for products). float64 counts 8 bytes, float32 and int32 4, bool 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ShapeError
+from .graph import Graph, Literal, Var
+from .rounds import rounds as decompose
+from .types import CLIENTS
+
+_TRANSCENDENTAL = {"exp", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "pow",
+                   "logaddexp", "sqrt"}
+_FREE = {"reshape", "after", "rows", "num_clients", "zeros_like", "stop_gradient"}
+
+
+@dataclass
+class CostReport:
+    rounds: int
+    bytes_down: int
+    bytes_up: int
+    client_state_bytes: int
+    server_flops: int
+    client_flops: int
+    primitives: dict
+    clients: int = 1
+    rows: int | None = None
+    per_round: list = field(default_factory=list)   # (round, bytes_down, bytes_up, state_in)
+    name: str = ""
+
+    @property
+    def bytes_down_total(self) -> int:
+        return self.bytes_down * self.clients
+
+    @property
+    def bytes_up_total(self) -> int:
+        return self.bytes_up * self.clients
+
+    def as_dict(self) -> dict:
+        return dict(rounds=self.rounds, bytes_down=self.bytes_down, bytes_up=self.bytes_up,
+                    client_state_bytes=self.client_state_bytes, server_flops=self.server_flops,
+                    client_flops=self.client_flops, primitives=dict(self.primitives))
+
+    def __str__(self) -> str:
+        return cost_table({self.name or "graph": self})
+
+
+FIELDS = [("rounds", "rounds"), ("bytes down / client", "bytes_down"),
+          ("bytes up / client", "bytes_up"), ("client state bytes", "client_state_bytes"),
+          ("client FLOPs / client", "client_flops"), ("server FLOPs", "server_flops")]
+
+
+def cost_table(reports: dict) -> str:
+    """Several cost reports side by side, one column each."""
+    names = list(reports)
+    w0 = max(len(f[0]) for f in FIELDS) + 2
+    prims = ["+".join(sorted(set(reports[n].primitives) & _COMM)) for n in names]
+    widths = [max(12, len(n) + 2, len(p) + 2) for n, p in zip(names, prims)]
+    lines = ["".ljust(w0) + "".join(n.rjust(w) for n, w in zip(names, widths))]
+    for label, attr in FIELDS:
+        lines.append(label.ljust(w0) + "".join(
+            f"{getattr(reports[n], attr):,}".rjust(w) for n, w in zip(names, widths)))
+    lines.append("communication".ljust(w0) + "".join(p.rjust(w) for p, w in zip(prims, widths)))
+    any_r = next(iter(reports.values()))
+    lines.append(f"(clients={any_r.clients}, rows={any_r.rows})")
+    return "\n".join(lines)
+
+
+_COMM = {"broadcast", "sum", "mean", "weighted_mean", "secure_sum"}
+
+
+def _nbytes(t, rows) -> int:
+    tt = getattr(t, "tensor", t)
+    if tt.ragged and rows is None:
+        raise ShapeError(f"cost: the ragged value {t} needs a row count: pass rows=")
+    return tt.nbytes(rows)
+
+
+def _size(t, rows) -> int:
+    tt = getattr(t, "tensor", t)
+    if tt.ragged and rows is None:
+        raise ShapeError(f"cost: the ragged value {t} needs a row count: pass rows=")
+    return tt.size(rows)
+
+
+def eqn_flops(e, rows) -> int:
+    name = e.prim.name
+    if name in _FREE or name in _COMM:
+        return 0
+    ins = [a.type for a in e.inputs]
+    if name in ("matmul", "matvec", "vecmat", "vdot"):
+        a, b = (getattr(t, "tensor", t) for t in ins)
+        k = a.shape[-1] if name != "vecmat" else a.shape[0]
+        k = rows if k is None else k
+        return 2 * k * _size(e.out.type, rows)
+    if name == "outer":
+        return _size(e.out.type, rows)
+    if name in ("reduce_sum", "reduce_max", "argmax"):
+        return _size(ins[0], rows)
+    n = _size(e.out.type, rows)
+    return n * (4 if name in _TRANSCENDENTAL else 1)
+
+
+def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
+    """``fad.cost(graph, clients=N, rows=R)``: rounds, bytes, client state and FLOPs."""
+    from ..ops import AGGREGATIONS, broadcast_p, weighted_mean_p
+    rs = decompose(graph)
+    down = up = 0
+    per_round = []
+    for r in rs:
+        d = sum(_nbytes(e.inputs[0].type, rows) for e in r.broadcasts)
+        u = 0
+        for e in r.aggregations:
+            u += _nbytes(e.inputs[0].type, rows)
+            if e.prim is weighted_mean_p:
+                u += _nbytes(e.inputs[1].type, rows)
+        per_round.append((r.index, d, u, sum(_nbytes(v.type, rows) for v, _ in r.state_in)))
+        down += d
+        up += u
+    # client state: the most a client holds across one round boundary
+    state = 0
+    kept = rs.client_state()
+    for boundary in range(1, len(rs)):
+        state = max(state, sum(_nbytes(v.type, rows) for v, made, used in kept
+                               if made <= boundary < used))
+    cflops = sflops = 0
+    for e in graph.eqns:
+        f = eqn_flops(e, rows)
+        if e.prim in AGGREGATIONS:
+            sflops += clients * _size(e.out.type, rows)
+        elif e.prim is broadcast_p:
+            pass
+        elif e.out.type.placement is CLIENTS:
+            cflops += f
+        else:
+            sflops += f
+    return CostReport(len(rs), down, up, state, sflops, cflops, graph.primitives(), clients,
+                      rows, per_round, graph.name)

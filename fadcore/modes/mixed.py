@@ -1,0 +1,258 @@
+"""Mixed and auto accumulation: choose, per aggregation boundary, reverse or push-forward.
+
+In the linearized graph every aggregation of tangents is a *boundary*. Reverse mode transposes
+it into a server->clients broadcast of the cotangent (an extra round unless that cotangent is
+constant, in which case it is fused into the forward round). **Push-forward** instead rewrites
+the boundary before transposition: the clients' local linear work between the broadcasts ``b``
+feeding the boundary and the aggregation is a Jacobian ``J_i,b`` per client; the clients compute
+it in the forward round (local transposes seeded with a basis of the aggregate), the same
+aggregation sums it up (``M_b = AGG_i J_i,b``, so closure holds: a secure_sum boundary
+aggregates Jacobians with secure_sum), and the tangent of the aggregate becomes the server-side
+linear map ``Σ_b M_b · ẇ_b``. Transposing that needs no communication: no extra round, more
+bytes up (``size(aggregate) × size(w)`` per client).
+
+Push-forward is possible at a boundary when its client work depends on differentiated values
+only through broadcasts (not on differentiated client arguments, whose gradients must be
+computed at the clients anyway) and the aggregate is small (``MAX_PUSHFORWARD`` elements).
+
+``mode="mixed"`` pushes forward wherever possible (fewest rounds); ``boundaries=`` overrides per
+boundary. ``mode="auto"`` starts from all-reverse and flips boundaries greedily while the
+weighted cost (:class:`CostWeights`) falls, recording why in ``graph.meta["auto"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..core import Builder, bind, source_scope
+from ..errors import DifferentiationError
+from ..ir.graph import Graph, Literal, Var
+from ..ir.passes import simplify
+from ..ir.types import CLIENTS
+from .reverse import backpropagate, linear_vars, vjp_graph
+
+MAX_PUSHFORWARD = 64
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    """Weights of the cost model ``auto`` minimises:
+    ``rounds * R + (bytes down + bytes up per client) * B + client FLOPs * F + state bytes * S``,
+    evaluated at ``clients`` clients holding ``rows`` rows each."""
+
+    rounds: float = 1.0
+    bytes: float = 1e-6
+    client_flops: float = 1e-9
+    state: float = 0.0
+    clients: int = 100
+    rows: int = 100
+
+    def total(self, report) -> float:
+        return (self.rounds * report.rounds + self.bytes * (report.bytes_down + report.bytes_up)
+                + self.client_flops * report.client_flops
+                + self.state * report.client_state_bytes)
+
+
+# --------------------------------------------------------------------------- boundaries
+
+@dataclass
+class Boundary:
+    index: int
+    eqn: object
+    feasible: bool
+    why: str
+    sources: list        # broadcast equations feeding the boundary's client work
+    region: list         # the client-placed linear equations between them and the boundary
+    size: int
+
+
+def find_boundaries(jg: Graph, lin: set) -> list[Boundary]:
+    producer = {e.out: e for e in jg.eqns}
+    out = []
+    for e in jg.eqns:
+        if e.prim not in ops.AGGREGATIONS or e.out not in lin:
+            continue
+        size = e.out.type.tensor.size()
+        sources, region, feasible, why = [], [], True, "client work depends on broadcasts only"
+        seen: set = set()
+        stack = [a for a in e.inputs if isinstance(a, Var) and a in lin]
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            p = producer.get(v)
+            if p is None:
+                feasible, why = False, "depends on a differentiated client argument"
+                break
+            if p.prim is ops.broadcast_p:
+                sources.append(p)
+                continue
+            if p.out.type.placement is not CLIENTS:
+                feasible, why = False, f"unexpected server equation {p.prim.name} in client work"
+                break
+            region.append(p)
+            stack.extend(a for a in p.inputs if isinstance(a, Var) and a in lin)
+        if feasible and size > MAX_PUSHFORWARD:
+            feasible, why = False, f"aggregate has {size} elements (> {MAX_PUSHFORWARD})"
+        order = {eq: k for k, eq in enumerate(jg.eqns)}
+        region.sort(key=order.__getitem__)
+        sources = sorted(set(sources), key=order.__getitem__)
+        out.append(Boundary(len(out), e, feasible, why, sources, region, size))
+    return out
+
+
+# --------------------------------------------------------------------------- the rewrite
+
+def pushforward_rewrite(jg: Graph, lin: set, chosen: list[Boundary]) -> Graph:
+    """Replace each chosen boundary's tangent by ``Σ_b M_b · ẇ_b`` (see module doc)."""
+    by_eqn = {bd.eqn: bd for bd in chosen}
+    b = Builder(jg.name)
+    with b:
+        env = {v: b.new_input(v.type) for v in jg.inputs}
+
+        def read(a):
+            return a.value if isinstance(a, Literal) else env[a]
+
+        for e in jg.eqns:
+            bd = by_eqn.get(e)
+            with source_scope(e.source):
+                env[e.out] = (_pushforward(bd, lin, read) if bd is not None
+                              else bind(e.prim, *[read(a) for a in e.inputs], **e.params))
+        outs = [b.atom(read(a)) for a in jg.outputs]
+    return simplify(jg.replace(inputs=b.inputs, eqns=b.eqns, outputs=outs))
+
+
+def _pushforward(bd: Boundary, lin: set, read):
+    agg = bd.eqn
+    x = agg.inputs[0]                                # the aggregated tangent (linear)
+    xt = x.type.tensor
+    m = bd.size
+    per_source: dict = {s: [] for s in bd.sources}
+    for k in range(m):
+        seed = np.zeros(m, dtype=xt.dtype.np)
+        seed[k] = 1.0
+        ct_env = {x: seed.reshape(xt.shape)}
+        backpropagate(bd.region, lin, read, ct_env, mode="mixed (push-forward)")
+        for s in bd.sources:
+            per_source[s].append(ct_env.get(s.out))
+    tangent = None
+    for s, cts in per_source.items():
+        wt = s.inputs[0].type.tensor
+        n = wt.size()
+        rows = []
+        for c in cts:
+            if c is None:
+                c = np.zeros(wt.shape, dtype=wt.dtype.np)
+            rows.append(ops.reshape(c, (1, n)))
+        J = ops.concatenate(rows, 0)                 # [m, n] per client (or a constant)
+        M = _aggregate_jacobian(agg, J, read)
+        wdot = read(s.inputs[0])
+        term = ops.reshape(ops.matvec(M, ops.reshape(wdot, (n,))), xt.shape)
+        tangent = term if tangent is None else ops.add(tangent, term)
+    if tangent is None:
+        return ops.zeros_like(read(agg.inputs[0]))
+    return tangent
+
+
+def _aggregate_jacobian(agg, J, read):
+    from ..core import Tracer
+    if isinstance(J, Tracer) and J.placement is CLIENTS:
+        extra = [read(a) for a in agg.inputs[1:]]    # weighted_mean's weights
+        return bind(agg.prim, J, *extra, **agg.params)
+    # the same constant Jacobian at every client: aggregate it on the server, no traffic
+    if agg.prim in (ops.sum_p, ops.secure_sum_p):
+        return ops.mul(J, ops.convert(ops.num_clients(), ops.tensor_type(J).dtype))
+    return J
+
+
+# --------------------------------------------------------------------------- the mode
+
+def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="stateful",
+                    policy=None, auto=False, weights=None, boundaries=None, name=None) -> Graph:
+    from ..ir.cost import cost
+    from .forward import jvp_graph
+
+    seed = "one" if seed in ("one", "barrier") else seed
+    jg0 = jvp_graph(graph, mask)
+    ncap = graph.meta.get("num_captured", 0)
+    nuser = len(graph.inputs) - ncap
+    n_t = sum(mask)
+    lin0 = linear_vars(jg0, jg0.inputs[nuser:nuser + n_t])
+    bds = find_boundaries(jg0, lin0)
+    if boundaries:
+        for k in boundaries:
+            if not 0 <= k < len(bds):
+                raise DifferentiationError(f"boundaries: no boundary {k} (have {len(bds)})")
+
+    def build(choice: dict) -> Graph:
+        chosen = [bd for bd in bds if choice.get(bd.index) == "pushforward"]
+
+        def rewrite(jg, nuser_, n_t_, nout_):
+            # jvp_graph is deterministic, so jg's boundaries are found again in the same order
+            lin = linear_vars(jg, jg.inputs[nuser_:nuser_ + n_t_])
+            mine = find_boundaries(jg, lin)
+            return pushforward_rewrite(jg, lin, [mine[bd.index] for bd in chosen])
+
+        return vjp_graph(graph, mask, seed=seed, with_value=with_value, state=state,
+                         policy=policy, rewrite=rewrite if chosen else None, name=name)
+
+    report = []
+    if not auto:
+        choice = {}
+        for bd in bds:
+            want = (boundaries or {}).get(bd.index, "pushforward" if bd.feasible else "reverse")
+            if want not in ("reverse", "pushforward"):
+                raise DifferentiationError(f"boundaries: {want!r} is not 'reverse' or 'pushforward'")
+            if want == "pushforward" and not bd.feasible:
+                raise DifferentiationError(
+                    f"boundary {bd.index} ({bd.eqn.prim.name}) cannot be pushed forward: {bd.why}")
+            choice[bd.index] = want
+            report.append(dict(boundary=bd.index, aggregation=bd.eqn.prim.name,
+                               choice=want, reason="mixed: push forward where possible"
+                               if bd.feasible else bd.why))
+        g = build(choice)
+    else:
+        w = weights or CostWeights()
+        choice = {bd.index: "reverse" for bd in bds}
+        g = build(choice)
+        best = w.total(cost(g, w.clients, w.rows))
+        for bd in bds:
+            entry = dict(boundary=bd.index, aggregation=bd.eqn.prim.name, choice="reverse")
+            if not bd.feasible:
+                entry["reason"] = bd.why
+                report.append(entry)
+                continue
+            trial = {**choice, bd.index: "pushforward"}
+            tg = build(trial)
+            tc = cost(tg, w.clients, w.rows)
+            total = w.total(tc)
+            entry.update(reverse_cost=best, pushforward_cost=total,
+                         pushforward=dict(rounds=tc.rounds, bytes_up=tc.bytes_up,
+                                          bytes_down=tc.bytes_down, client_flops=tc.client_flops))
+            if total < best:
+                choice, g, best = trial, tg, total
+                entry["choice"] = "pushforward"
+                entry["reason"] = f"weighted cost {total:.6g} < {entry['reverse_cost']:.6g}"
+            else:
+                entry["reason"] = f"weighted cost {total:.6g} >= {best:.6g}"
+            report.append(entry)
+    g.meta["boundaries"] = report
+    return g
+
+
+def explain(graph: Graph) -> str:
+    """The per-boundary choices a mixed/auto derivative graph was built with."""
+    rep = graph.meta.get("boundaries")
+    if rep is None:
+        return f"{graph.name}: not a mixed/auto derivative graph"
+    if not rep:
+        return f"{graph.name}: no aggregation boundary carries a tangent"
+    lines = [f"{graph.name}: {len(rep)} aggregation boundar{'y' if len(rep) == 1 else 'ies'}"]
+    for r in rep:
+        lines.append(f"  boundary {r['boundary']} ({r['aggregation']}): {r['choice']} — "
+                     f"{r.get('reason', '')}")
+    return "\n".join(lines)
