@@ -39,3 +39,6 @@ from .ir.cost import CostReport, cost, cost_table  # noqa: E402
 from .modes.mixed import CostWeights, explain  # noqa: E402
 
 __all__ += ["cost", "cost_table", "CostReport", "CostWeights", "explain"]
+from .testing.gradcheck import check_grads  # noqa: E402
+
+__all__ += ["check_grads"]

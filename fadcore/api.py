@@ -14,7 +14,7 @@ import numpy as np
 from . import pytree
 from .errors import DifferentiationError
 from .ir.graph import Graph
-from .ir.types import SERVER
+from .ir.types import CLIENTS, SERVER
 from .modes import forward, reverse
 from .tracing import TracedFunction, as_traced, signature
 
@@ -71,6 +71,14 @@ def _check_scalar_output(graph: Graph, fname: str) -> None:
             f"{pytree.tree_str(graph.out_tree)} of {[str(t) for t in ts]}; use fad.vjp for "
             "other outputs")
     t = ts[0]
+    if t.placement is CLIENTS and t.shape == () and t.dtype.is_float:
+        fed = sorted({e.prim.name for e in graph.eqns if e.prim.kind == "federated"})
+        if not fed:
+            return      # a local function applied at the clients: per-client gradients
+        raise DifferentiationError(
+            f"grad of {fname}: the output {t} is one value per client, and the function "
+            f"communicates ({', '.join(fed)}); aggregate the output to the SERVER "
+            "(fad.mean/fad.sum), or use fad.vjp")
     if t.placement is not SERVER or t.shape != () or not t.dtype.is_float:
         raise DifferentiationError(
             f"grad of {fname}: the output must be a float scalar at SERVER, got {t}"
@@ -118,8 +126,9 @@ def _grad_impl(f, argnums, mode, state, policy, weights, boundaries, with_value)
         name = f"{'value_and_' if with_value else ''}grad_{fname}"
         if mode == "forward":
             dg = _forward_grad_graph(g, mask, with_value, name)
-        elif mode == "reverse":
-            dg = reverse.vjp_graph(g, mask, seed="barrier", with_value=with_value, state=state,
+        elif mode == "reverse" or g.out_types[0].placement is CLIENTS:
+            local = g.out_types[0].placement is CLIENTS
+            dg = reverse.vjp_graph(g, mask, seed="one" if local else "barrier", with_value=with_value, state=state,
                                    policy=policy, name=name)
         else:
             from .modes import mixed

@@ -53,7 +53,7 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
                     raise DTypeError(f"{what}: got dtype {arr.dtype}")
             if arr.shape != t.shape:
                 raise ShapeError(f"{what}: got shape {arr.shape}")
-            values.append(np.ascontiguousarray(arr))
+            values.append(arr if arr.flags.c_contiguous else arr.copy())
             continue
         if not isinstance(x, ClientValues):
             raise PlacementError(f"{what}: expects client values; wrap per-client arrays with "
@@ -82,7 +82,7 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
                             "row count")
                 elif want != got:
                     raise ShapeError(f"{what}: client {i} has shape {m.shape}")
-            members.append(np.ascontiguousarray(m))
+            members.append(m if m.flags.c_contiguous else m.copy())
         values.append(members)
     if n is None and _uses_clients(graph):
         raise CardinalityError(

@@ -75,10 +75,10 @@ def execute(graph: Graph, inputs: Inputs) -> list:
             env[e.out] = [
                 _cast(impl(*[v[i] if c else v for v, c in zip(args, client)],
                            **_resolve(e.prim, e.params, None if rows is None else rows[i])),
-                      e.out.type)
+                      e.out.type, None if rows is None else int(rows[i]), e)
                 for i in range(n)]
         else:
-            env[e.out] = _cast(impl(*args, **e.params), e.out.type)
+            env[e.out] = _cast(impl(*args, **e.params), e.out.type, None, e)
     outs = []
     for a, t in zip(graph.outputs, graph.out_types):
         v = read(a)
@@ -89,6 +89,12 @@ def execute(graph: Graph, inputs: Inputs) -> list:
     return outs
 
 
-def _cast(x, t):
+def _cast(x, t, rows=None, eqn=None):
+    """The value as the dtype of its type; its shape must be the type's (a check of the rules)."""
     x = np.asarray(x)
+    want = t.tensor.concrete_shape(rows) if rows is not None else t.shape
+    if x.shape != tuple(want) and None not in want:
+        raise AssertionError(
+            f"reference: {eqn.prim.name if eqn else '?'} produced shape {x.shape}, its type "
+            f"says {t} (a shape rule and its implementation disagree)")
     return x if x.dtype == t.dtype.np else x.astype(t.dtype.np)

@@ -165,7 +165,7 @@ def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_val
         grads = []
         for v, x in zip(tan_vars, [p for p, m in zip(prim_in, mask) if m]):
             c = ct_env.get(v)
-            grads.append(ops.zeros_like(x) if c is None else _match(c, v))
+            grads.append(ops.zeros_like(x) if c is None else _placed_like(c, x))
         results = (outs if with_value else []) + grads
         out_atoms = [b.atom(r) for r in results]
     g = Graph(b.inputs, b.eqns, out_atoms, name=b.name,
@@ -176,10 +176,12 @@ def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_val
     return g
 
 
-def _match(ct, v: Var):
-    """Cotangents of client arguments come back per client (not all-equal); of server ones at
-    the server. A cotangent that arrived all-equal is still a valid per-client value."""
-    return ct
+def _placed_like(ct, x):
+    """A constant cotangent (no equation produced it) placed and shaped like its primal."""
+    from ..core import Tracer
+    if isinstance(ct, Tracer):
+        return ct
+    return ops.add(ops.zeros_like(x), np.asarray(ct, dtype=ops.tensor_type(x).dtype.np))
 
 
 # --------------------------------------------------------------------------- remat
