@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import FadError, PlacementError, TracingError
+from .errors import FadError, PlacementError, ShapeError, TracingError
 from .ir.graph import Eqn, Graph, Literal, Var
 from .ir.types import CLIENTS, SERVER, FederatedType, TensorType
 
@@ -131,6 +131,9 @@ def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None
         raise
     placement = placements.pop() if placements else SERVER
     all_equal = all(t.all_equal for _, t in placed)
+    if not placed and out.ragged:
+        # constants shaped by a client's row count (e.g. broadcast to [?,3]): one per client
+        placement, all_equal = CLIENTS, False
     return FederatedType(out, placement, all_equal)
 
 
@@ -273,21 +276,36 @@ def bind(prim: Primitive, *args, **params):
             raise TracingError(
                 f"fad.{prim.name} moves values between placements and only runs inside a "
                 f"traced function (decorate it with @fad.trace){at_source(user_source())}")
+    if builder is None and _stack and _makes_rows(prim, params):
+        builder = _stack[-1]        # constants to a ragged shape: an equation at CLIENTS
     if builder is None:
         return _eager(prim, args, params)
     source = user_source()
     atoms = [builder.atom(a) for a in args]
     in_types = [a.type for a in atoms]
     out_type = infer_type(prim, in_types, params, source)
-    if prim.kind == "local" and all(isinstance(a, Literal) for a in atoms):
+    if (prim.kind == "local" and out_type.placement is SERVER
+            and all(isinstance(a, Literal) for a in atoms)):
         return _eager(prim, [a.value for a in atoms], params)
     return builder.add(prim, atoms, out_type, params, source)
+
+
+def _makes_rows(prim: Primitive, params) -> bool:
+    """Whether a shape param holds a ragged dimension (the result then lives at CLIENTS)."""
+    for k in prim.shape_params:
+        v = params.get(k)
+        if v is None or (isinstance(v, tuple) and None in v):
+            return True
+    return False
 
 
 def _eager(prim: Primitive, args, params):
     """Constant folding / eager NumPy evaluation of a local primitive."""
     lits = [to_literal(a) for a in args]
-    infer_type(prim, [l.type for l in lits], params, user_source())   # same checks as traced
+    t = infer_type(prim, [l.type for l in lits], params, user_source())   # same checks as traced
+    if t.placement is CLIENTS:
+        raise ShapeError(f"{prim.name}: a ragged dimension (?) is a client's row count; it "
+                         "exists only inside a traced function")
     out = impl_rules[prim](*[l.value for l in lits], **params)
     return np.asarray(out)
 
