@@ -342,7 +342,13 @@ def reshape(x, newshape):
                 total *= d
         if known == 0 or total % known:
             raise ShapeError(f"reshape: cannot reshape {_type(x)} to {newshape}")
-        newshape = tuple(total // known if d == -1 else d for d in newshape)
+        fill = total // known
+        if None in old and None not in newshape:
+            if fill != 1:
+                raise ShapeError(f"reshape: cannot reshape {_type(x)} to {newshape}: the -1 "
+                                 "would mix the ragged rows (?) with other dimensions")
+            fill = None             # -1 stands for the ragged rows
+        newshape = tuple(fill if d == -1 else d for d in newshape)
     return ops.reshape(x, newshape)
 
 
@@ -429,7 +435,8 @@ def _index(x, key):
     if Ellipsis in key:
         i = key.index(Ellipsis)
         key = key[:i] + (slice(None),) * (xt.ndim - n_real) + key[i + 1:]
-    key = key + (slice(None),) * (xt.ndim - n_real)
+    else:
+        key = key + (slice(None),) * (xt.ndim - n_real)
     starts, limits, strides, out_shape = [], [], [], []
     axis = 0
     for k in key:
