@@ -106,6 +106,19 @@ def atom_in_type(a) -> FederatedType | TensorType:
     return a.type
 
 
+def check_placements(name: str, in_types: list, source: str | None = None) -> None:
+    """Raise :class:`PlacementError` if the operands of local op ``name`` mix placements."""
+    placed = [(i, t) for i, t in enumerate(in_types) if isinstance(t, FederatedType)]
+    if len({t.placement for _, t in placed}) > 1:
+        (i, a), (j, b) = next((p, q) for p in placed for q in placed
+                              if p[1].placement is SERVER and q[1].placement is CLIENTS)
+        raise PlacementError(
+            f"{name}: operand {i + 1} is {a} but operand {j + 1} is {b}{at_source(source)}. "
+            "Local operations need all operands at one placement: move the server value to the "
+            "clients with fad.broadcast(...), or aggregate the client value to the server with "
+            "fad.sum/fad.mean/fad.weighted_mean/fad.secure_sum.")
+
+
 def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None = None):
     """Type of ``prim`` applied to atoms of ``in_types`` (FederatedType or TensorType)."""
     if prim.kind == "federated":
@@ -114,14 +127,7 @@ def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None
         return prim.type_rule(*fed, **params)
     placed = [(i, t) for i, t in enumerate(in_types) if isinstance(t, FederatedType)]
     placements = {t.placement for _, t in placed}
-    if len(placements) > 1:
-        (i, a), (j, b) = next((p, q) for p in placed for q in placed
-                              if p[1].placement is SERVER and q[1].placement is CLIENTS)
-        raise PlacementError(
-            f"{prim.name}: operand {i + 1} is {a} but operand {j + 1} is {b}{at_source(source)}. "
-            "Local operations need all operands at one placement: move the server value to the "
-            "clients with fad.broadcast(...), or aggregate the client value to the server with "
-            "fad.sum/fad.mean/fad.weighted_mean/fad.secure_sum.")
+    check_placements(prim.name, in_types, source)
     tensors = [t.tensor if isinstance(t, FederatedType) else t for t in in_types]
     try:
         out = prim.shape_rule(*tensors, **params)
@@ -181,7 +187,9 @@ class Tracer:
             yield self[i]
 
     def __index__(self):
-        raise TracingError("a traced value cannot be used as a Python index")
+        raise TracingError(f"the traced value {self.var.type} cannot be used as a Python int or "
+                           f"index{at_source(user_source())}: its value is known only when the "
+                           "graph runs")
 
     __hash__ = object.__hash__
 

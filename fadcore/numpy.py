@@ -14,7 +14,7 @@ import builtins
 import numpy as np
 
 from . import ops
-from .core import Tracer
+from .core import Tracer, check_placements, user_source
 from .errors import ShapeError
 from .ir.types import DType, TensorType, bool_, dtype_of, f32, f64, i32, i64
 
@@ -97,7 +97,8 @@ def _broadcast_to_shape(x, shape):
     return ops.broadcast_in_dim(x, shape, dims)
 
 
-def _elementwise(*xs, floating=False):
+def _elementwise(*xs, floating=False, name="elementwise"):
+    check_placements(name, [x.type for x in xs if isinstance(x, Tracer)], user_source())
     xs = _promote(*xs, floating=floating)
     shape = broadcast_shapes(*[_type(x).shape for x in xs])
     return [_broadcast_to_shape(x, shape) for x in xs]
@@ -105,7 +106,7 @@ def _elementwise(*xs, floating=False):
 
 def _binary(op, floating=False):
     def f(x, y):
-        return op(*_elementwise(x, y, floating=floating))
+        return op(*_elementwise(x, y, floating=floating, name=op.__name__))
     f.__name__ = op.__name__
     return f
 
@@ -177,6 +178,8 @@ def _zero(x):
 
 
 def where(cond, x, y):
+    check_placements("where", [v.type for v in (cond, x, y) if isinstance(v, Tracer)],
+                     user_source())
     x, y = _promote(x, y)
     cond = cond if _type(cond).dtype is bool_ else not_equal(cond, 0)
     shape = broadcast_shapes(_type(cond).shape, _type(x).shape, _type(y).shape)
