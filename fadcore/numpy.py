@@ -14,7 +14,7 @@ import builtins
 import numpy as np
 
 from . import ops
-from .core import Tracer, check_placements, user_source
+from .core import Tracer, check_placements, to_literal, user_source
 from .errors import ShapeError
 from .ir.types import DType, TensorType, bool_, dtype_of, f32, f64, i32, i64
 
@@ -50,7 +50,7 @@ def _as_dtype(d) -> DType:
 def _cast(x, dt: DType):
     if isinstance(x, Tracer):
         return ops.convert(x, dt)
-    return np.asarray(x, dtype=dt.np)
+    return np.asarray(to_literal(x).value, dtype=dt.np)   # refuses client values, objects
 
 
 def _result_dtype(xs) -> DType:
