@@ -70,8 +70,8 @@ class DType:
     def __getitem__(self, shape) -> "TensorType":
         if not isinstance(shape, tuple):
             shape = (shape,)
-        if shape == ((),):
-            shape = ()
+        if len(shape) == 1 and isinstance(shape[0], tuple) and not shape[0]:
+            shape = ()                      # f64[(),]
         return TensorType(self, _check_shape(shape))
 
     def __repr__(self) -> str:
