@@ -240,14 +240,26 @@ min_p = _binary("min", np.minimum)
 logaddexp_p = _binary("logaddexp", np.logaddexp, float_only=True)
 
 
-def add(x, y): return bind(add_p, x, y)
-def sub(x, y): return bind(sub_p, x, y)
-def mul(x, y): return bind(mul_p, x, y)
-def div(x, y): return bind(div_p, x, y)
-def pow(x, y): return bind(pow_p, x, y)  # noqa: A001
-def maximum(x, y): return bind(max_p, x, y)
-def minimum(x, y): return bind(min_p, x, y)
-def logaddexp(x, y): return bind(logaddexp_p, x, y)
+def _weak(x, y):
+    """Python scalars are weakly typed: they take the other operand's dtype (so rules written
+    with 2.0 or 1.0 work on float32 values too)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        if not isinstance(y, (int, float)) or isinstance(y, bool):
+            x = np.asarray(x, dtype=dtype(y).np)
+    if isinstance(y, (int, float)) and not isinstance(y, bool):
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            y = np.asarray(y, dtype=dtype(x).np)
+    return x, y
+
+
+def add(x, y): return bind(add_p, *_weak(x, y))
+def sub(x, y): return bind(sub_p, *_weak(x, y))
+def mul(x, y): return bind(mul_p, *_weak(x, y))
+def div(x, y): return bind(div_p, *_weak(x, y))
+def pow(x, y): return bind(pow_p, *_weak(x, y))  # noqa: A001
+def maximum(x, y): return bind(max_p, *_weak(x, y))
+def minimum(x, y): return bind(min_p, *_weak(x, y))
+def logaddexp(x, y): return bind(logaddexp_p, *_weak(x, y))
 
 
 def _add_jvp(primals, tangents):
@@ -431,12 +443,12 @@ eq_p = _cmp("eq", np.equal)
 ne_p = _cmp("ne", np.not_equal)
 
 
-def lt(x, y): return bind(lt_p, x, y)
-def le(x, y): return bind(le_p, x, y)
-def gt(x, y): return bind(gt_p, x, y)
-def ge(x, y): return bind(ge_p, x, y)
-def eq(x, y): return bind(eq_p, x, y)
-def ne(x, y): return bind(ne_p, x, y)
+def lt(x, y): return bind(lt_p, *_weak(x, y))
+def le(x, y): return bind(le_p, *_weak(x, y))
+def gt(x, y): return bind(gt_p, *_weak(x, y))
+def ge(x, y): return bind(ge_p, *_weak(x, y))
+def eq(x, y): return bind(eq_p, *_weak(x, y))
+def ne(x, y): return bind(ne_p, *_weak(x, y))
 
 
 def _select_shape(pred: TensorType, x: TensorType, y: TensorType) -> TensorType:
@@ -451,7 +463,7 @@ impl_rules[select_p] = lambda p, x, y: np.where(p, x, y)
 
 
 def select(pred, x, y):
-    return bind(select_p, pred, x, y)
+    return bind(select_p, pred, *_weak(x, y))
 
 
 def _select_jvp(primals, tangents):
@@ -1171,7 +1183,8 @@ for _p in (broadcast_p, sum_p, mean_p, secure_sum_p):
 transpose_rules[broadcast_p] = lambda ct, x: [bind(transpose_aggregation[-1], ct)]
 transpose_rules[sum_p] = lambda ct, x: [broadcast(ct)]
 transpose_rules[secure_sum_p] = lambda ct, x: [broadcast(ct)]
-transpose_rules[mean_p] = lambda ct, x: [broadcast(div(ct, num_clients()))]
+transpose_rules[mean_p] = lambda ct, x: [
+    broadcast(div(ct, convert(num_clients(), dtype(ct))))]
 jvp_rules[num_clients_p] = lambda p, t: _no_tangent(num_clients_p, p)
 
 

@@ -400,3 +400,44 @@ def test_derivative_graphs_verify_and_round_trip(rng):
                 assert str(g2) == str(g)
                 np.testing.assert_allclose(fad.run(g2, *args, backend="reference")[0],
                                            fad.run(g, *args, backend="reference")[0], rtol=0)
+
+
+# --------------------------------------------------------------------------- float32, grad of grad
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_float32_gradients_in_every_mode(mode, rng):
+    """Rules use Python constants (2.0, 1/n...): they must take float32 operands' dtype."""
+    sizes = (3, 5)
+    X64 = [rng.normal(size=(n, 3)) for n in sizes]
+    y64 = [rng.normal(size=n) for n in sizes]
+    lab = fad.clients([rng.integers(0, 3, size=n) for n in sizes])
+
+    @fad.trace
+    def f(w, X, y, lab):
+        r = X @ fad.broadcast(w) - y
+        z = X * fad.broadcast(w)
+        return (fad.mean(fnp.mean(fnp.tanh(r) * r))
+                + fad.mean(fnp.mean(fad.nn.softmax_cross_entropy(z, lab)))
+                + fad.weighted_mean(fnp.max(z), fnp.sum(fnp.exp(z))))
+
+    w = np.array([0.5, -1.0, 0.25])
+    ref = fad.grad(f)(w, fad.clients(X64), fad.clients(y64), lab)
+    g = fad.grad(f, mode=mode)(w.astype(np.float32), fad.clients([x.astype(np.float32) for x in X64]),
+                               fad.clients([x.astype(np.float32) for x in y64]), lab)
+    assert g.dtype == np.float32
+    np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_of_grad_scalar_closed_form(rng):
+    """s(x) = mean_i sum tanh(x X_i); s''(x) = mean_i sum -2 tanh(x a)(1 - tanh²(x a)) a²."""
+    X = [rng.normal(size=(n, 2)) for n in (3, 5)]
+
+    @fad.trace
+    def s(x, X):
+        return fad.mean(fnp.sum(fnp.tanh(X * fad.broadcast(x))))
+
+    x = np.float64(0.3)
+    want = np.mean([np.sum(-2 * np.tanh(a * x) * (1 - np.tanh(a * x) ** 2) * a * a) for a in X])
+    for mode in ("reverse", "mixed", "forward"):
+        got = fad.grad(fad.grad(s, mode=mode), mode=mode)(x, fad.clients(X))
+        np.testing.assert_allclose(got, want, rtol=1e-12)
