@@ -156,7 +156,7 @@ def test_traced_functions_take_types_or_values():
 
 dims = st.one_of(st.none(), st.integers(0, 1000))
 tensor_types = st.builds(lambda d, s: TensorType(d, tuple(s)),
-                         st.sampled_from(list(DTYPES.values())), st.lists(dims, max_size=4))
+                         st.sampled_from(list(DTYPES.values())), st.lists(dims, max_size=3))
 
 
 @st.composite

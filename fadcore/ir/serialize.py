@@ -63,7 +63,7 @@ LIMITS = {
     "literals": 10**6,
     "rank": 32,                    # dimensions of a type
     "dim": 2**31 - 1,              # one dimension
-    "elements": 2**40,             # static elements of one type
+    "elements": 2**32,             # static elements of one type (32 GiB as f64)
     "literal_elements": 10**8,     # elements of one literal
     "string": 10_000,              # a name, a source line, a param string
     "depth": 32,                   # nesting of tagged values
@@ -483,13 +483,17 @@ def _build(doc: Any) -> Graph:
             f"{VERSION}")
     _keys(doc, "graph", required=_TOP_KEYS)
     name = _check_str(doc["name"], "name", "graph name")
+    seen_types: dict[str, FederatedType] = {}
 
-    types: list[FederatedType] = []
-    inputs = []
-    for i, t in enumerate(_list(doc["inputs"], "inputs", "inputs")):
-        v = Var(parse_type(t, f"inputs[{i}]"))
-        inputs.append(v)
-        types.append(v.type)
+    def ptype(t: Any, where: str) -> FederatedType:
+        hit = seen_types.get(t) if isinstance(t, str) else None
+        if hit is None:
+            hit = parse_type(t, where)
+            seen_types[t] = hit
+        return hit
+
+    inputs = [Var(ptype(t, f"inputs[{i}]"))
+              for i, t in enumerate(_list(doc["inputs"], "inputs", "inputs"))]
     env: list[Var] = list(inputs)
 
     lits = [_dec_literal(x, f"literals[{i}]")
@@ -522,7 +526,7 @@ def _build(doc: Any) -> Graph:
         if not isinstance(ins_raw, list) or len(ins_raw) > LIMITS["items"]:
             raise _fail(f"{where}.in", f"expected a list of operands, got {_short(ins_raw)}")
         ins = [operand(a, f"{where}.in[{i}]") for i, a in enumerate(ins_raw)]
-        out = Var(parse_type(e["type"], f"{where}.type"))
+        out = Var(ptype(e["type"], f"{where}.type"))
         params_raw = e.get("params", {})
         if not isinstance(params_raw, dict) or len(params_raw) > LIMITS["params"]:
             raise _fail(f"{where}.params", f"expected an object of at most {LIMITS['params']} "
