@@ -57,8 +57,26 @@ def cse(g: Graph) -> Graph:
     return g.replace(eqns=eqns, outputs=[sub(a) for a in g.outputs])
 
 
+def canonical_rows(g: Graph) -> Graph:
+    """Every ``rows`` equation reads the row count off one resident client input.
+
+    All ragged dimensions of a client are its row count, so any ragged value gives the same
+    answer; reading it off an input lets CSE merge them all and keeps no value alive (or in
+    client state) just for its row count."""
+    src = next(((v, v.type.shape.index(None)) for v in g.inputs
+                if v.type.placement.name == "CLIENTS" and None in v.type.shape), None)
+    if src is None or not any(e.prim.name == "rows" for e in g.eqns):
+        return g
+    var, axis = src
+    eqns = [Eqn(e.prim, (var,), e.out, {"axis": axis}, e.source)
+            if e.prim.name == "rows" and (e.inputs[0] is not var or e.params["axis"] != axis)
+            else e for e in g.eqns]
+    return g.replace(eqns=eqns)
+
+
 def simplify(g: Graph) -> Graph:
     """CSE then DCE, until nothing changes."""
+    g = canonical_rows(g)
     while True:
         n = len(g.eqns)
         g = dce(cse(g))

@@ -6,6 +6,9 @@ stage ``s`` is computed in round ``s + 1``; a server value at stage ``s`` is ava
 round ``s``. ``after(x, token)`` ties a value to a later stage, which is how modes fix their
 schedules (reverse mode's backward sweep, remat's re-broadcasts). Client values produced in one
 round and used in a later one are *client state*: the clients must keep them in between.
+Client data (the graph's client inputs) is *resident*, and so is everything a client computes
+from its own data alone (row counts, normalised features...): it needs nothing received and can
+be recomputed in any round, so it is not state.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ def stages(g: Graph) -> dict[Var, int]:
         s = max((st[a] for a in e.inputs if isinstance(a, Var)), default=0)
         st[e.out] = s + 1 if e.prim in aggs else s
     return st
+
+
+def resident(g: Graph) -> set:
+    """Client values computed from the clients' own data alone (and the data itself)."""
+    out = {v for v in g.inputs if v.type.placement is CLIENTS}
+    for e in g.eqns:
+        if (e.prim.kind == "local" and e.out.type.placement is CLIENTS
+                and all(not isinstance(a, Var) or a in out for a in e.inputs)):
+            out.add(e.out)
+    return out
 
 
 def eqn_round(e: Eqn, st: dict) -> int:
@@ -97,6 +110,7 @@ def rounds(g: Graph) -> Rounds:
     rs = [Round(i + 1) for i in range(n)]
     final = []
     produced_round: dict[Var, int] = {}
+    local_data = resident(g)
     for e in g.eqns:
         r = eqn_round(e, st)
         if e.prim is broadcast_p:
@@ -112,7 +126,7 @@ def rounds(g: Graph) -> Rounds:
                 rs[s].prepare.append(e)
             else:
                 (rs[s - 1].update if s >= 1 else final).append(e)
-        if e.out.type.placement is CLIENTS:
+        if e.out.type.placement is CLIENTS and e.out not in local_data:
             produced_round[e.out] = r
         if r >= 1:
             for a in e.inputs:

@@ -192,13 +192,16 @@ def remat(g: Graph) -> Graph:
 
     Resident client data (the graph's client inputs) is not state; re-sent values cost bytes
     down, recomputation costs client FLOPs."""
-    from ..ir.rounds import eqn_round, stages
+    from ..ir.rounds import eqn_round, resident, stages
     st = stages(g)
+    local_data = resident(g)
     producer = {e.out: e for e in g.eqns}
     client_inputs = {v for v in g.inputs if v.type.placement is CLIENTS}
     rnd = {}
     for e in g.eqns:
         rnd[e.out] = eqn_round(e, st) if e.out.type.placement is CLIENTS else None
+        if e.out in local_data:
+            rnd[e.out] = None         # computed from the client's own data: not state
 
     # a server value available at the start of each round: the token re-sends wait for
     token: dict[int, Var] = {}
@@ -218,7 +221,7 @@ def remat(g: Graph) -> Graph:
         """A var holding ``a``'s value, computed in round ``r``."""
         if not isinstance(a, Var) or a.type.placement is not CLIENTS:
             return a
-        if a not in client_inputs and rnd[a] == r:
+        if a not in client_inputs and rnd[a] in (None, r):
             return a
         key = (a, r)
         if key in memo:
