@@ -136,7 +136,8 @@ def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None
             e.args = (f"{e.args[0]}{at_source(source)}",) + e.args[1:]
         raise
     placement = placements.pop() if placements else SERVER
-    all_equal = all(t.all_equal for _, t in placed)
+    # members are equal only if the operands' are, and no client's row count (?) shapes them
+    all_equal = all(t.all_equal for _, t in placed) and not out.ragged
     if not placed and out.ragged:
         # constants shaped by a client's row count (e.g. broadcast to [?,3]): one per client
         placement, all_equal = CLIENTS, False
