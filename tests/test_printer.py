@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import pathlib
+import re
 import textwrap
 
 import numpy as np
+import pytest
 
 import fadcore as fad
 from fadcore import numpy as fnp
@@ -185,3 +190,31 @@ def test_pp_helpers():
     assert pp_literal(Literal(np.bool_(True))) == "True"
     assert pp_literal(Literal(np.array([np.inf, 1.0]))) == "f64[2][inf, 1.]"
     assert pp_literal(Literal(np.zeros((2, 4)))) == "f64[2,4]{...}"
+
+
+# --------------------------------------------------------------------------- the docs' examples
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+
+
+@pytest.mark.parametrize("page", ["getting-started.md", "ir.md", "ops.md"])
+def test_docs_examples_run_and_print_what_they_show(page):
+    """Every ```python block of the page runs (in order, one namespace); a ```text block right
+    after one is exactly what it prints."""
+    blocks = FENCE.findall((DOCS / page).read_text())
+    ns: dict = {"__name__": "docs_example"}
+    ran = 0
+    for k, (lang, src) in enumerate(blocks):
+        if lang != "python":
+            continue
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(src, "example.py", "exec"), ns)
+        ran += 1
+        if k + 1 < len(blocks) and blocks[k + 1][0] == "text":
+            want = blocks[k + 1][1]
+            got = out.getvalue()
+            assert [s.rstrip() for s in got.strip("\n").splitlines()] == \
+                [s.rstrip() for s in want.strip("\n").splitlines()], f"{page}, block {k}:\n{got}"
+    assert ran > 0
