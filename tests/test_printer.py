@@ -198,11 +198,11 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 
-@pytest.mark.parametrize("page", ["getting-started.md", "ir.md", "ops.md"])
+@pytest.mark.parametrize("page", ["getting-started.md", "ir.md", "ops.md", "../README.md"])
 def test_docs_examples_run_and_print_what_they_show(page):
     """Every ```python block of the page runs (in order, one namespace); a ```text block right
     after one is exactly what it prints."""
-    blocks = FENCE.findall((DOCS / page).read_text())
+    blocks = FENCE.findall((DOCS / page).read_text(encoding="utf-8"))
     ns: dict = {"__name__": "docs_example"}
     ran = 0
     for k, (lang, src) in enumerate(blocks):
