@@ -119,6 +119,14 @@ def _partial_eqns(e: Eqn, x, w=None) -> list:
     return [summed(x)]
 
 
+def _resident(graph: Graph) -> set:
+    """Client values computed from the clients' own data alone (see :mod:`fadcore.ir.rounds`)."""
+    from ..ir import rounds as _rounds
+    if hasattr(_rounds, "resident"):
+        return _rounds.resident(graph)
+    return set()
+
+
 def plan(graph: Graph) -> Plan:
     """The round-by-round execution plan of ``graph`` (cached on the graph)."""
     cached = graph._lowered.get("dask")
@@ -137,23 +145,32 @@ def plan(graph: Graph) -> Plan:
         if e.prim is ops.after_p and e.out.type.placement is CLIENTS:
             alias[e.out] = res(e.inputs[0])
     input_index = {v: k for k, v in enumerate(graph.inputs)}
+    # values a client computes from its own data alone are recomputed where needed, not kept
+    resident = {e.out: e for e in graph.eqns if e.out in _resident(graph)}
     made_in: dict = {}              # client Var -> round whose sub-graph defines it
     rounds = []
     for r in rs:
-        defined, server_in, client_vars = set(), [], []
+        defined, server_in, client_vars, eqns = set(), [], [], []
 
         def use(a):
             a = res(a)
             if isinstance(a, Literal) or a in defined:
+                return a
+            if a in resident and r.index > 1:
+                e = resident[a]
+                eqns.append(Eqn(e.prim, [use(b) for b in e.inputs], e.out, e.params, e.source))
+                defined.add(a)
                 return a
             group = server_in if a.type.placement is SERVER else client_vars
             if a not in group:
                 group.append(a)
             return a
 
-        eqns = []
         for e in r.broadcasts + [e for e in r.client if e.out not in alias]:
-            eqns.append(Eqn(e.prim, [use(a) for a in e.inputs], e.out, e.params, e.source))
+            if e.out in defined:        # a resident value already recomputed here
+                continue
+            ins = [use(a) for a in e.inputs]
+            eqns.append(Eqn(e.prim, ins, e.out, e.params, e.source))
             defined.add(e.out)
         partials, aggs = [], []
         for e in r.aggregations:
@@ -596,7 +613,8 @@ class _Run:
     def gather(self, rp, futures):
         try:
             if self.timeout is not None:
-                distributed.wait(futures, timeout=self.timeout)
+                with self.client.as_current():
+                    distributed.wait(futures, timeout=self.timeout)
             return self.client.gather(futures)
         except _LOST as err:
             raise _lost(rp, self.graph, self.chunks, futures, err) from err
