@@ -29,6 +29,7 @@ def golden(text: str) -> str:
 def check(graph, text):
     got = str(graph)
     assert got == golden(text), "\n" + got
+    assert str(fad.Graph.from_json(graph.to_json())) == got        # and the JSON round trip
 
 
 def test_fed_mse():

@@ -159,6 +159,24 @@ def test_to_json_refuses_what_it_cannot_store():
         serialize.to_json("graph")
 
 
+def test_what_to_json_writes_from_json_reads(monkeypatch):
+    g = fed_mse_graph()
+    g.eqns[0].source = "x" * 20_000
+    with pytest.raises(fad.SerializationError, match=r"eqns\[0\] \(broadcast\)\.source: source "
+                                                     r"too long"):
+        g.to_json()
+    g = fad.trace(lambda w: w * 2.0).graph(fad.f64[2**20, 2**13] @ fad.SERVER)
+    with pytest.raises(fad.SerializationError, match=r"inputs\[0\]: shape \[1048576,8192\] "
+                                                     r"declares 8589934592 elements"):
+        g.to_json()
+    monkeypatch.setitem(serialize.LIMITS, "text_bytes", 1000)
+    with pytest.raises(fad.SerializationError, match="the graph's JSON would be"):
+        fed_mse_graph().to_json()
+    g = fad.trace(lambda w: w * 2.0, name="wéird ∇ name").graph(W)
+    text = g.to_json()
+    assert text.isascii() and fad.Graph.from_json(text).name == "wéird ∇ name"
+
+
 # --------------------------------------------------------------------------- hostile input
 
 BASE = fed_mse_graph().to_json()

@@ -85,10 +85,6 @@ def _fail(where: str, msg: str) -> SerializationError:
 _TYPE_RE = re.compile(r"(\{)?([a-z0-9]+)\[([0-9?,]*)\](\})?@([A-Z]+)")
 
 
-def type_str(t: FederatedType) -> str:
-    return str(t)
-
-
 def parse_type(text: Any, where: str = "type") -> FederatedType:
     """Parse a federated type from its printed form, e.g. ``{f64[?,3]}@CLIENTS``."""
     if not isinstance(text, str):
@@ -180,13 +176,15 @@ def _enc_value(v: Any, where: str, depth: int = 0) -> Any:
         v = float(v)
         return ["float", v if math.isfinite(v) else repr(v)]
     if isinstance(v, str):
-        return ["str", v]
+        return ["str", _check_str(v, where)]
     if isinstance(v, DType):
         return ["dtype", v.name]
     if isinstance(v, Placement):
         return ["placement", v.name]
     if isinstance(v, FederatedType):
         return ["type", str(v)]
+    if isinstance(v, (tuple, list, dict)) and len(v) > LIMITS["items"]:
+        raise _fail(where, f"{len(v)} items (at most {LIMITS['items']})")
     if isinstance(v, tuple) and not hasattr(v, "_fields"):
         return ["tuple", [_enc_value(x, where, depth + 1) for x in v]]
     if isinstance(v, list):
@@ -324,10 +322,25 @@ def _element_ok(x, dt: DType) -> bool:
 # --------------------------------------------------------------------------- writing
 
 def to_json(graph: Graph, indent: int | None = None) -> str:
-    """The JSON text of ``graph`` (see the module docstring for the format)."""
+    """The JSON text of ``graph`` (see the module docstring for the format).
+
+    Whatever it writes, :func:`from_json` reads back: the same limits apply to both."""
+    from ..core import primitives
     if not isinstance(graph, Graph):
         raise SerializationError(f"to_json: expected a fad.Graph, got {type(graph).__name__}")
+    _check_str(graph.name, "name", "graph name")
     index: dict[Var, int] = {}
+    type_strs: dict[FederatedType, str] = {}
+
+    def wtype(t, where):
+        s = type_strs.get(t) if isinstance(t, FederatedType) else None
+        if s is None:
+            if not isinstance(t, FederatedType):
+                raise _fail(where, f"{_short(t)} is not a federated type")
+            s = type_strs[t] = str(t)
+            parse_type(s, where)                  # within the limits the reader applies
+        return s
+
     lits: list[dict] = []
     lit_index: dict[Any, int] = {}
 
@@ -352,20 +365,22 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
         if not isinstance(v, Var) or v in index:
             raise _fail(f"inputs[{i}]", "not a fresh variable")
         index[v] = len(index)
-        inputs.append(type_str(v.type))
+        inputs.append(wtype(v.type, f"inputs[{i}]"))
     eqns = []
     for k, e in enumerate(graph.eqns):
         where = f"eqns[{k}] ({e.prim.name})"
+        if primitives.get(e.prim.name) is not e.prim:
+            raise _fail(where, f"{e.prim.name!r} is not a registered primitive")
         ins = [operand(a, where) for a in e.inputs]
         if e.out in index:
             raise _fail(where, "redefines a variable")
         index[e.out] = len(index)
-        d = {"prim": e.prim.name, "in": ins, "type": type_str(e.out.type)}
+        d = {"prim": e.prim.name, "in": ins, "type": wtype(e.out.type, where)}
         if e.params:
             d["params"] = {str(n): _enc_value(v, f"{where}.params.{n}") for n, v in
                            e.params.items()}
         if e.source is not None:
-            d["source"] = e.source
+            d["source"] = _check_str(e.source, f"{where}.source", "source")
         eqns.append(d)
     outputs = [operand(a, f"outputs[{i}]") for i, a in enumerate(graph.outputs)]
     doc = {
@@ -378,11 +393,16 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
         "outputs": outputs,
         "in_tree": _enc_tree(graph.in_tree, "in_tree"),
         "out_tree": _enc_tree(graph.out_tree, "out_tree"),
-        "meta": {str(k): _enc_value(v, f"meta.{k}") for k, v in graph.meta.items()},
+        "meta": _enc_value(dict(graph.meta), "meta")[1],
     }
-    if not isinstance(graph.name, str):
-        raise _fail("name", f"graph name must be a string, got {_short(graph.name)}")
-    return json.dumps(doc, indent=indent, allow_nan=False, ensure_ascii=False)
+    for key in ("inputs", "eqns", "outputs", "literals"):
+        if len(doc[key]) > LIMITS[key]:
+            raise _fail(key, f"{len(doc[key])} entries (at most {LIMITS[key]})")
+    text = json.dumps(doc, indent=indent, allow_nan=False)    # ASCII: chars == bytes
+    if len(text) > LIMITS["text_bytes"]:
+        raise SerializationError(f"the graph's JSON would be {len(text)} characters "
+                                 f"(at most {LIMITS['text_bytes']})")
+    return text
 
 
 def _enc_tree(tree, where: str):
