@@ -284,10 +284,10 @@ def test_wrong_declared_type(data):
     e = g.eqns[1]
     bad = Eqn(e.prim, e.inputs, Var(fad.f64[None, 2] @ fad.CLIENTS), e.params, e.source)
     g2 = g.replace(eqns=[g.eqns[0], bad] + g.eqns[2:])
-    with pytest.raises(fad.VerificationError, match=r"equation 1 \(matvec\) from test_errors\.py:"
-                                                    r"\d+ \(<lambda>\): result declared "
-                                                    r"\{f64\[\?,2\]\}@CLIENTS but the operands give "
-                                                    r"\{f64\[\?\]\}@CLIENTS"):
+    with pytest.raises(fad.VerificationError,
+                       match=r"equation 1 \(matvec\) from test_errors\.py:\d+ \(<lambda>\): "
+                             r"result declared \{f64\[\?,2\]\}@CLIENTS but the operands give "
+                             r"\{f64\[\?\]\}@CLIENTS"):
         g2.verify()
 
 
