@@ -18,6 +18,7 @@ from fadcore import examples as ex
 from fadcore import numpy as fnp
 from fadcore.ir import serialize
 from fadcore.ir.graph import Literal
+from fadcore.testing.strategies import programs
 
 from conftest import Ragged
 from test_ops_eval import CASES, F, run_on_clients, run_on_server
@@ -519,3 +520,13 @@ def test_graphviz_accepts_the_dot_text():
                              timeout=60)
         assert out.returncode == 0, out.stderr
         assert "<svg" in out.stdout
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(programs(max_ops=6))
+def test_random_programs_and_their_gradients_roundtrip(prog):
+    f, args = prog
+    for g in (f.graph(*args), fad.grad(f, mode="reverse").graph(*args)):
+        g2 = roundtrip(g)
+        same_results(fad.run(g, *args, backend="reference"),
+                     fad.run(g2, *args, backend="reference"))
