@@ -295,27 +295,37 @@ def _kill(c, address):
     c.run(die, workers=[address], wait=False)
 
 
+def _times_computed(dask_scheduler, keys):
+    """How often each key went to ``memory`` on the scheduler (2+: recomputed)."""
+    counts = dict.fromkeys(keys, 0)
+    for key, _start, finish, *_ in dask_scheduler.story(*keys):
+        if key in counts and finish == "memory":
+            counts[key] += 1
+    return counts
+
+
 def test_worker_killed_mid_round_is_survived(client):
-    """A worker dies while round 2 of a 4-round derivative runs; the state it held (rounds
-    1-2 residuals, data chunks) is recomputed from lineage and the result is unchanged."""
+    """A worker holding round-1 residuals dies while round 2 of a 4-round derivative runs; what
+    it held (data chunks, residuals) is recomputed from lineage and the result is unchanged."""
     args = example_args_fed_mse(d=4)
     g = fad.grad(two_round, argnums=(0, 1)).graph(*args)
     assert len(g.rounds()) == 4 and g.rounds().client_state()
     want = fad.run(g, *args, backend="reference")
-    before = set(client.nthreads())
-    killed = []
+    seen, killed = {}, []
 
     def on_round(info):
+        seen.setdefault(info["round"], info["tasks"])
         if info["round"] == 2 and info["phase"] == "submitted":
-            holders = client.who_has(info["tasks"])
-            victim = next(iter(holders.values()))[0] if any(holders.values()) else \
-                sorted(before)[0]
+            holders = client.who_has(seen[1])
+            victim = sorted({w for ws in holders.values() for w in ws})[0]
             _kill(client, victim)
             killed.append(victim)
 
-    got = run_dask(g, *args, chunk_size=1, evaluator="reference", on_round=on_round)
+    got = run_dask(g, *args, chunk_size=1, on_round=on_round)
     assert killed
     assert_same(got, want)
+    counts = client.run_on_scheduler(_times_computed, keys=[f.key for f in seen[1]])
+    assert max(counts.values()) >= 2, counts         # some round-1 task really ran again
     client.wait_for_workers(2, timeout=TIMEOUT)
     assert killed[0] not in set(client.nthreads())
     # and the cluster still works
@@ -331,7 +341,7 @@ def test_lost_state_is_an_error_naming_the_round(client):
             info["client"].cancel(info["tasks"], force=True)   # the residuals, gone
 
     with pytest.raises(fad.FadError, match="round 2"):
-        run_dask(g, *args, chunk_size=2, evaluator="reference", on_round=on_round)
+        run_dask(g, *args, chunk_size=2, on_round=on_round)
     # the cluster is fine afterwards
     np.testing.assert_allclose(run_dask(g, *args, chunk_size=2),
                                fad.run(g, *args, backend="reference"), rtol=RTOL)

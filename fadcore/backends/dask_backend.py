@@ -420,7 +420,9 @@ def default_client() -> "distributed.Client":
         shutdown(_locked=True)
         cluster = distributed.LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"})
+            dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"},
+            # no dashboard; the scheduler's health/metrics HTTP routes on a free loopback port
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         c = distributed.Client(cluster, set_as_default=False)
         _DEFAULT.update(cluster=cluster, client=c)
         if not _DEFAULT.get("atexit"):
