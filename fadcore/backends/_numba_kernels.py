@@ -1,9 +1,19 @@
 """Jitted half of the numba backend: the opcode table, the op kernels and the interpreter.
 
 :mod:`fadcore.backends.numba_backend` lowers a graph to a flat *tape* (one row of integer
-fields per instruction) over *buffers*; this module runs it. Everything here is
-``@njit(cache=True)`` and closes over nothing but module-level integer constants, so the
-compiled code is cached on disk and reused by later processes.
+fields per instruction) over *buffers*; this module runs it.
+
+* The **kernels** (``k_*``) are C-callable ``@cfunc(cache=True)`` functions on raw addresses
+  and int64 sizes. The interpreter calls them through their addresses, passed in at run time
+  (``kernel_table()``): numba then compiles and caches each kernel once, instead of linking
+  and re-optimizing every kernel into every caller (which made cold compiles take minutes).
+* The **interpreter** (``run_part``) is one ``@njit(cache=True, nogil=True)`` function: an
+  if/elif chain on integer opcodes over the tape, for the server or for a range of clients.
+* ``run_program`` runs a whole program: per stage the server rows once, then the client rows
+  in a ``prange`` over chunks of clients.
+
+Nothing here closes over anything but module-level integer constants, so the compiled code is
+cached on disk and reused by later processes.
 
 Data model (see ``docs/performance.md``): every value lives in float64 slots, whatever its
 fadcore dtype (f32 results are rounded to float32 after each instruction, ints and bools are
@@ -23,7 +33,8 @@ a status code and the ``err`` row, never by raising inside jitted code.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange, types
+from llvmlite import ir
+from numba import carray, cfunc, njit, prange, types
 from numba.extending import intrinsic
 
 # --------------------------------------------------------------------------- opcode table
@@ -136,7 +147,7 @@ SMALL_DOT = 2048   # below this many multiply-adds, plain loops beat a BLAS call
 LOGE2 = 0.693147180559945309417232121458176568
 
 
-# --------------------------------------------------------------------------- raw views
+# --------------------------------------------------------------------------- raw views and calls
 
 @intrinsic
 def _fptr(typingctx, addr):
@@ -190,14 +201,43 @@ def array_fields(ids, nd, dims, out):
                 dims[i, j] = _iptr(dp + 8 * j)[0]
 
 
+@intrinsic
+def _call(typingctx, fn, args):
+    """Call the C function at address ``fn`` with a tuple of integer arguments (passed as
+    int64); returns its int64 result. The kernels below are the only functions called so."""
+    if not isinstance(args, types.BaseTuple) or not all(
+            isinstance(a, (types.Integer, types.Boolean)) for a in args):
+        return None
+    sig = types.int64(fn, args)
+
+    def codegen(context, builder, signature, llargs):
+        i64 = ir.IntType(64)
+        arg_types = signature.args[1]
+        fnty = ir.FunctionType(i64, [i64] * len(arg_types))
+        f = builder.inttoptr(llargs[0], fnty.as_pointer())
+        vals = [context.cast(builder, builder.extract_value(llargs[1], j), ty, types.int64)
+                for j, ty in enumerate(arg_types)]
+        return builder.call(f, vals)
+    return sig, codegen
+
+
+def _ksig(k):
+    return types.int64(*([types.int64] * k))
+
+
+def _kernel(nargs):
+    """``@cfunc`` of ``nargs`` int64 arguments returning int64, cached, NumPy float rules."""
+    return cfunc(_ksig(nargs), cache=True, error_model="numpy")
+
+
 @njit(inline="always")
-def _addr(b, kind, loc, ctab, i, wbase):
-    k = kind[b]
-    if k == K_FIXED:
-        return loc[b]
-    if k == K_WORK:
-        return wbase + loc[b]
-    return ctab[loc[b], i]
+def _f(p, n):
+    return carray(_fptr(p), n)
+
+
+@njit(inline="always")
+def _i(p, n):
+    return carray(_iptr(p), n)
 
 
 @njit(inline="always")
@@ -213,7 +253,7 @@ def _dim(d, r):
     return r if d < 0 else d
 
 
-# --------------------------------------------------------------------------- elementwise
+# --------------------------------------------------------------------------- elementwise kernels
 
 @njit(inline="always")
 def _uop(op, x):
@@ -250,8 +290,10 @@ def _uop(op, x):
         return abs(x)
 
 
-@njit(cache=True, error_model="numpy")
-def _unary(op, x, o, n):
+@_kernel(4)
+def k_unary(op, px, po, n):
+    x = _f(px, n)
+    o = _f(po, n)
     if op == OP_NEG:
         for j in range(n):
             o[j] = -x[j]
@@ -261,6 +303,7 @@ def _unary(op, x, o, n):
     else:
         for j in range(n):
             o[j] = _uop(op, x[j])
+    return 0
 
 
 @njit(inline="always")
@@ -302,9 +345,12 @@ def _bop(op, a, b):
         return 1.0 if a != b else 0.0
 
 
-@njit(cache=True, error_model="numpy")
-def _binary(op, x, y, o, n, nx, ny):
+@_kernel(7)
+def k_binary(op, px, py, po, n, nx, ny):
     """o = x op y; an operand of size 1 beside a larger result is a broadcast scalar."""
+    x = _f(px, nx)
+    y = _f(py, ny)
+    o = _f(po, n)
     if nx == n and ny == n:
         if op == OP_ADD:
             for j in range(n):
@@ -315,110 +361,140 @@ def _binary(op, x, y, o, n, nx, ny):
         elif op == OP_MUL:
             for j in range(n):
                 o[j] = x[j] * y[j]
-        elif op == OP_DIV:
-            for j in range(n):
-                o[j] = x[j] / y[j]
         else:
             for j in range(n):
                 o[j] = _bop(op, x[j], y[j])
     elif nx == n:
         b = y[0]
-        if op == OP_ADD:
-            for j in range(n):
-                o[j] = x[j] + b
-        elif op == OP_SUB:
-            for j in range(n):
-                o[j] = x[j] - b
-        elif op == OP_MUL:
+        if op == OP_MUL:
             for j in range(n):
                 o[j] = x[j] * b
-        elif op == OP_DIV:
-            for j in range(n):
-                o[j] = x[j] / b
         else:
             for j in range(n):
                 o[j] = _bop(op, x[j], b)
     else:
         a = x[0]
-        if op == OP_ADD:
-            for j in range(n):
-                o[j] = a + y[j]
-        elif op == OP_SUB:
-            for j in range(n):
-                o[j] = a - y[j]
-        elif op == OP_MUL:
+        if op == OP_MUL:
             for j in range(n):
                 o[j] = a * y[j]
-        elif op == OP_DIV:
-            for j in range(n):
-                o[j] = a / y[j]
         else:
             for j in range(n):
                 o[j] = _bop(op, a, y[j])
+    return 0
 
 
-@njit(cache=True, error_model="numpy")
-def _select(p, x, y, o, n, npr, nx, ny):
+@_kernel(8)
+def k_select(pp, px, py, po, n, npr, nx, ny):
+    p = _f(pp, npr)
+    x = _f(px, nx)
+    y = _f(py, ny)
+    o = _f(po, n)
     sp = 1 if npr == n else 0
     sx = 1 if nx == n else 0
     sy = 1 if ny == n else 0
     for j in range(n):
         o[j] = x[j * sx] if p[j * sp] != 0.0 else y[j * sy]
+    return 0
 
 
-@njit(cache=True, error_model="numpy")
-def _convert(mode, x, o, n):
+@_kernel(5)
+def k_convert(mode, px, po, n, round32):
+    x = _f(px, n)
+    o = _f(po, n)
     if mode == CV_TRUNC:
         for j in range(n):
             o[j] = np.trunc(x[j])
     elif mode == CV_NONZERO:
         for j in range(n):
             o[j] = 1.0 if x[j] != 0.0 else 0.0
+    elif round32:
+        for j in range(n):
+            o[j] = np.float32(x[j])
     else:
         for j in range(n):
             o[j] = x[j]
+    return 0
 
 
 # --------------------------------------------------------------------------- reductions
 
 @njit(cache=True, error_model="numpy")
-def pairwise_sum(a, lo, n, s):
-    """NumPy's pairwise summation of a[lo], a[lo+s], ... (n terms): bit-identical to np.sum."""
+def _pw_leaf(a, lo, n, s):
     if n < 8:
         res = 0.0
         for i in range(n):
             res += a[lo + i * s]
         return res
+    r0 = a[lo]
+    r1 = a[lo + s]
+    r2 = a[lo + 2 * s]
+    r3 = a[lo + 3 * s]
+    r4 = a[lo + 4 * s]
+    r5 = a[lo + 5 * s]
+    r6 = a[lo + 6 * s]
+    r7 = a[lo + 7 * s]
+    m = n - n % 8
+    i = 8
+    while i < m:
+        p = lo + i * s
+        r0 += a[p]
+        r1 += a[p + s]
+        r2 += a[p + 2 * s]
+        r3 += a[p + 3 * s]
+        r4 += a[p + 4 * s]
+        r5 += a[p + 5 * s]
+        r6 += a[p + 6 * s]
+        r7 += a[p + 7 * s]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i * s]
+        i += 1
+    return res
+
+
+@njit(cache=True, error_model="numpy")
+def pairwise_sum(a, lo, n, s):
+    """NumPy's pairwise summation of a[lo], a[lo+s], ... (n terms): bit-identical to np.sum.
+
+    NumPy recurses (halves rounded to multiples of 8, leaves of at most 128 terms); this
+    walks the same tree with an explicit stack (recursive functions do not cache reliably).
+    """
     if n <= 128:
-        r0 = a[lo]
-        r1 = a[lo + s]
-        r2 = a[lo + 2 * s]
-        r3 = a[lo + 3 * s]
-        r4 = a[lo + 4 * s]
-        r5 = a[lo + 5 * s]
-        r6 = a[lo + 6 * s]
-        r7 = a[lo + 7 * s]
-        m = n - n % 8
-        i = 8
-        while i < m:
-            p = lo + i * s
-            r0 += a[p]
-            r1 += a[p + s]
-            r2 += a[p + 2 * s]
-            r3 += a[p + 3 * s]
-            r4 += a[p + 4 * s]
-            r5 += a[p + 5 * s]
-            r6 += a[p + 6 * s]
-            r7 += a[p + 7 * s]
-            i += 8
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while i < n:
-            res += a[lo + i * s]
-            i += 1
-        return res
-    n2 = n // 2
-    n2 -= n2 % 8
-    return pairwise_sum(a, lo, n2, s) + pairwise_sum(a, lo + n2 * s, n - n2, s)
+        return _pw_leaf(a, lo, n, s)
+    flo = np.empty(64, dtype=np.int64)
+    fn = np.empty(64, dtype=np.int64)
+    fst = np.zeros(64, dtype=np.int64)
+    fleft = np.empty(64)
+    sp = 0
+    flo[0] = lo
+    fn[0] = n
+    v = 0.0
+    while True:
+        while fn[sp] > 128:
+            n2 = fn[sp] // 2
+            n2 -= n2 % 8
+            sp += 1
+            flo[sp] = flo[sp - 1]
+            fn[sp] = n2
+            fst[sp] = 0
+        v = _pw_leaf(a, flo[sp], fn[sp], s)
+        sp -= 1
+        while sp >= 0:
+            if fst[sp] == 0:
+                fleft[sp] = v
+                fst[sp] = 1
+                n2 = fn[sp] // 2
+                n2 -= n2 % 8
+                sp += 1
+                flo[sp] = flo[sp - 1] + n2 * s
+                fn[sp] = fn[sp - 1] - n2
+                fst[sp] = 0
+                break
+            v = fleft[sp] + v
+            sp -= 1
+        if sp < 0:
+            return v
 
 
 @njit(inline="always")
@@ -426,20 +502,26 @@ def _max_into(m, v):
     return v if (v > m or v != v) else m
 
 
-@njit(cache=True, error_model="numpy")
-def _reduce(is_max, x, o, nd, dims, mask, sc):
+@_kernel(7)
+def k_reduce(is_max, px, po, nd, pdims, pmask, psc):
     """Sum or max of x (shape dims, C order) over the axes where mask is 1.
 
     Adjacent axes of one kind are merged first; the common layouts (all, rows of a matrix,
     columns of a matrix, the middle of three groups) get direct loops with NumPy's summation
     order, anything else a generic odometer. Returns E_EMPTY for a max over nothing.
     """
-    # merge: groups of (size, reduced) with size-1 axes dropped
+    dims = _i(pdims, MAX_NDIM)
+    mask = _i(pmask, MAX_NDIM)
+    sc = _i(psc, 64)
+    one = nd - nd + 1
     ng = 0
     total = 1
+    nout = 1
     for a in range(nd):
         d = dims[a]
         total *= d
+        if mask[a] == 0:
+            nout *= d
         if d == 1:
             continue
         if ng > 0 and sc[2 * (ng - 1) + 1] == mask[a]:
@@ -448,10 +530,8 @@ def _reduce(is_max, x, o, nd, dims, mask, sc):
             sc[2 * ng] = d
             sc[2 * ng + 1] = mask[a]
             ng += 1
-    nout = 1
-    for a in range(nd):
-        if mask[a] == 0:
-            nout *= dims[a]
+    x = _f(px, total)
+    o = _f(po, nout)
     if total == 0:
         if nout == 0:
             return E_OK
@@ -471,7 +551,7 @@ def _reduce(is_max, x, o, nd, dims, mask, sc):
                 m = _max_into(m, x[j])
             o[0] = m
         else:
-            o[0] = pairwise_sum(x, 0, total, 1)
+            o[0] = pairwise_sum(x, total - total, total, one)
         return E_OK
     if ng == 2 and sc[1] == 0:                    # [kept, reduced]: each row
         K = sc[0]
@@ -483,7 +563,7 @@ def _reduce(is_max, x, o, nd, dims, mask, sc):
                     m = _max_into(m, x[k * R + j])
                 o[k] = m
             else:
-                o[k] = pairwise_sum(x, k * R, R, 1)
+                o[k] = pairwise_sum(x, k * R, R, one)
         return E_OK
     if ng == 2 or (ng == 3 and sc[1] == 0):       # [reduced, kept] or [kept, reduced, kept]
         if ng == 2:
@@ -549,10 +629,12 @@ def _reduce(is_max, x, o, nd, dims, mask, sc):
     return E_OK
 
 
-@njit(cache=True, error_model="numpy")
-def _argmax(x, o, outer, D, inner):
+@_kernel(5)
+def k_argmax(px, po, outer, D, inner):
     if D == 0 and outer * inner > 0:
         return E_EMPTY
+    x = _f(px, outer * D * inner)
+    o = _f(po, outer * inner)
     for k in range(outer):
         for j in range(inner):
             base = k * D * inner + j
@@ -622,367 +704,27 @@ def _c_strides(shape, nd, out):
     return s
 
 
-@njit(inline="always")
-def _index(v, D):
-    """An index value as an int in [0, D), or -1 - (the bad value) when out of range."""
-    k = np.int64(v)
-    if k < 0:
-        k += D
-    if k < 0 or k >= D or k != v:
-        return -1
-    return k
-
-
-@njit(cache=True, error_model="numpy")
-def _take(x, idx, o, outer, D, inner, K, err):
-    for kk in range(K):
-        if _index(idx[kk], D) < 0:
-            err[3] = np.int64(idx[kk]) if idx[kk] == idx[kk] else -(2 ** 62)
-            err[4] = D
-            return E_INDEX
-    for k in range(outer):
-        for kk in range(K):
-            d = _index(idx[kk], D)
-            sb = (k * D + d) * inner
-            ob = (k * K + kk) * inner
-            for j in range(inner):
-                o[ob + j] = x[sb + j]
-    return E_OK
-
-
-@njit(cache=True, error_model="numpy")
-def _untake(ct, idx, o, outer, D, inner, K, err):
-    for kk in range(K):
-        if _index(idx[kk], D) < 0:
-            err[3] = np.int64(idx[kk]) if idx[kk] == idx[kk] else -(2 ** 62)
-            err[4] = D
-            return E_INDEX
-    for j in range(outer * D * inner):
-        o[j] = 0.0
-    for k in range(outer):
-        for kk in range(K):
-            d = _index(idx[kk], D)
-            ob = (k * D + d) * inner
-            sb = (k * K + kk) * inner
-            for j in range(inner):
-                o[ob + j] += ct[sb + j]
-    return E_OK
-
-
-@njit(cache=True, error_model="numpy")
-def _take_along(x, idx, o, outer, D, K, inner, scatter, err):
-    """take_along_axis (scatter=False: o[k,q,j] = x[k,idx[k,q,j],j]) or its transpose
-    (scatter=True: o[k,idx[k,q,j],j] += x[k,q,j], o of shape [outer, D, inner])."""
-    n = outer * K * inner
-    for t in range(n):
-        if _index(idx[t], D) < 0:
-            err[3] = np.int64(idx[t]) if idx[t] == idx[t] else -(2 ** 62)
-            err[4] = D
-            return E_INDEX
-    if scatter:
-        for t in range(outer * D * inner):
-            o[t] = 0.0
-    for k in range(outer):
-        for q in range(K):
-            b = (k * K + q) * inner
-            for j in range(inner):
-                d = _index(idx[b + j], D)
-                if scatter:
-                    o[(k * D + d) * inner + j] += x[b + j]
-                else:
-                    o[b + j] = x[(k * D + d) * inner + j]
-    return E_OK
-
-
-@njit(cache=True, error_model="numpy")
-def _one_hot(lab, o, n, depth):
-    for i in range(n):
-        v = lab[i]
-        for c in range(depth):
-            o[i * depth + c] = 1.0 if v == c else 0.0
-
-
-# --------------------------------------------------------------------------- products
-
-@njit(cache=True, error_model="numpy")
-def _matmul(pa, pb, po, m, k, n):
-    """[m,k] @ [k,n] on raw addresses: BLAS for real work, loops for tiny products."""
-    o = carray(_fptr(po), m * n)
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        for j in range(m * n):
-            o[j] = 0.0
-        return
-    if m * k * n >= SMALL_DOT:
-        np.dot(carray(_fptr(pa), (m, k)), carray(_fptr(pb), (k, n)), carray(_fptr(po), (m, n)))
-        return
-    a = carray(_fptr(pa), m * k)
-    b = carray(_fptr(pb), k * n)
-    for i in range(m):
-        for j in range(n):
-            o[i * n + j] = 0.0
-        for q in range(k):
-            v = a[i * k + q]
-            for j in range(n):
-                o[i * n + j] += v * b[q * n + j]
-
-
-@njit(cache=True, error_model="numpy")
-def _matvec(pa, px, po, m, k):
-    o = carray(_fptr(po), m)
-    if m == 0:
-        return
-    if k == 0:
-        for j in range(m):
-            o[j] = 0.0
-        return
-    if m * k >= SMALL_DOT:
-        np.dot(carray(_fptr(pa), (m, k)), carray(_fptr(px), k), o)
-        return
-    a = carray(_fptr(pa), m * k)
-    x = carray(_fptr(px), k)
-    for i in range(m):
-        s = 0.0
-        for q in range(k):
-            s += a[i * k + q] * x[q]
-        o[i] = s
-
-
-@njit(cache=True, error_model="numpy")
-def _vecmat(px, pa, po, k, n):
-    o = carray(_fptr(po), n)
-    if n == 0:
-        return
-    if k == 0:
-        for j in range(n):
-            o[j] = 0.0
-        return
-    if k * n >= SMALL_DOT:
-        np.dot(carray(_fptr(px), k), carray(_fptr(pa), (k, n)), o)
-        return
-    a = carray(_fptr(pa), k * n)
-    x = carray(_fptr(px), k)
-    for j in range(n):
-        o[j] = 0.0
-    for q in range(k):
-        v = x[q]
-        for j in range(n):
-            o[j] += v * a[q * n + j]
-
-
-@njit(cache=True, error_model="numpy")
-def _vdot(pa, pb, po, k):
-    o = carray(_fptr(po), 1)
-    if k >= SMALL_DOT:
-        o[0] = np.dot(carray(_fptr(pa), k), carray(_fptr(pb), k))
-        return
-    a = carray(_fptr(pa), k)
-    b = carray(_fptr(pb), k)
-    s = 0.0
-    for q in range(k):
-        s += a[q] * b[q]
-    o[0] = s
-
-
-# --------------------------------------------------------------------------- the interpreter
-
-@njit(cache=True, error_model="numpy")
-def _exec(tape, start, stop, ip, kind, loc, ctab, i, r, wbase, acc, crow, nchunks, n, sc, err):
-    """Run tape rows [start, stop) for client ``i`` (-1: the server) with row count ``r``.
-
-    ``acc`` is the accumulator block (one row per chunk of clients), ``crow`` the row of the
-    running chunk. Returns a status code; on error ``err`` holds the details.
-    """
-    for t in range(start, stop):
-        op = tape[t, F_OP]
-        p = tape[t, F_IP]
-        no = _cnt(tape[t, F_NO], tape[t, F_KO], r)
-        if op == OP_AGGREGATE:
-            # ip: mode, acc offset, [weight acc offset]
-            mode = ip[p]
-            off = ip[p + 1]
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), no)
-            if mode == AG_WMEAN:
-                w = carray(_fptr(_addr(tape[t, F_B], kind, loc, ctab, i, wbase)), 1)[0]
-                for j in range(no):
-                    acc[crow, off + j] += w * x[j]
-                acc[crow, ip[p + 2]] += w
-            else:
-                for j in range(no):
-                    acc[crow, off + j] += x[j]
-            continue
-        o = carray(_fptr(_addr(tape[t, F_OUT], kind, loc, ctab, i, wbase)), no)
-        if op <= OP_ABS:
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), no)
-            _unary(op, x, o, no)
-        elif op <= OP_NE:
-            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), na)
-            y = carray(_fptr(_addr(tape[t, F_B], kind, loc, ctab, i, wbase)), nb)
-            _binary(op, x, y, o, no, na, nb)
-        elif op == OP_SELECT:
-            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
-            nc = _cnt(tape[t, F_NC], tape[t, F_KC], r)
-            c = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), na)
-            x = carray(_fptr(_addr(tape[t, F_B], kind, loc, ctab, i, wbase)), nb)
-            y = carray(_fptr(_addr(tape[t, F_C], kind, loc, ctab, i, wbase)), nc)
-            _select(c, x, y, o, no, na, nb, nc)
-        elif op == OP_CONVERT or op == OP_COPY:
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), no)
-            _convert(ip[p] if op == OP_CONVERT else CV_COPY, x, o, no)
-        elif op == OP_ZEROS:
-            for j in range(no):
-                o[j] = 0.0
-        elif op == OP_REDUCE_SUM or op == OP_REDUCE_MAX:
-            # ip: nd, dims[nd], mask[nd]
-            nd = ip[p]
-            dims = sc[64:64 + MAX_NDIM]
-            mask = sc[80:80 + MAX_NDIM]
-            for a in range(nd):
-                dims[a] = _dim(ip[p + 1 + a], r)
-                mask[a] = ip[p + 1 + nd + a]
-            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), na)
-            st = _reduce(op == OP_REDUCE_MAX, x, o, nd, dims, mask, sc)
-            if st != E_OK:
-                err[1] = t
-                return st
-        elif op == OP_ARGMAX:
-            # ip: outer, D, inner as (static, ragged count) pairs
-            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), na)
-            st = _argmax(x, o, _cnt(ip[p], ip[p + 1], r), _cnt(ip[p + 2], ip[p + 3], r),
-                         _cnt(ip[p + 4], ip[p + 5], r))
-            if st != E_OK:
-                err[1] = t
-                return st
-        elif op == OP_BROADCAST_IN_DIM or op == OP_TRANSPOSE or op == OP_SLICE or op == OP_PAD:
-            _move(op, tape, t, ip, p, kind, loc, ctab, i, wbase, r, o, no, sc)
-        elif op == OP_CONCATENATE:
-            # ip: nd, axis, out dims[nd], m, then per operand: buffer, dims[nd]
-            nd = ip[p]
-            axis = ip[p + 1]
-            shp = sc[64:64 + MAX_NDIM]
-            sstr = sc[80:80 + MAX_NDIM]
-            dstr = sc[96:96 + MAX_NDIM]
-            idx = sc[112:112 + MAX_NDIM]
-            for a in range(nd):
-                shp[a] = _dim(ip[p + 2 + a], r)
-            _c_strides(shp, nd, dstr)
-            m = ip[p + 2 + nd]
-            q = p + 3 + nd
-            start_ax = 0
-            for u in range(m):
-                b = ip[q]
-                for a in range(nd):
-                    shp[a] = _dim(ip[q + 1 + a], r)
-                sz = _c_strides(shp, nd, sstr)
-                x = carray(_fptr(_addr(b, kind, loc, ctab, i, wbase)), sz)
-                _copy_nd(x, 0, sstr, o, start_ax * dstr[axis], dstr, shp, nd, idx)
-                start_ax += shp[axis]
-                q += 1 + nd
-        elif op == OP_MATMUL:
-            _matmul(_addr(tape[t, F_A], kind, loc, ctab, i, wbase),
-                    _addr(tape[t, F_B], kind, loc, ctab, i, wbase),
-                    _addr(tape[t, F_OUT], kind, loc, ctab, i, wbase),
-                    _dim(ip[p], r), _dim(ip[p + 1], r), _dim(ip[p + 2], r))
-        elif op == OP_MATVEC:
-            _matvec(_addr(tape[t, F_A], kind, loc, ctab, i, wbase),
-                    _addr(tape[t, F_B], kind, loc, ctab, i, wbase),
-                    _addr(tape[t, F_OUT], kind, loc, ctab, i, wbase),
-                    _dim(ip[p], r), _dim(ip[p + 1], r))
-        elif op == OP_VECMAT:
-            _vecmat(_addr(tape[t, F_A], kind, loc, ctab, i, wbase),
-                    _addr(tape[t, F_B], kind, loc, ctab, i, wbase),
-                    _addr(tape[t, F_OUT], kind, loc, ctab, i, wbase),
-                    _dim(ip[p], r), _dim(ip[p + 1], r))
-        elif op == OP_VDOT:
-            _vdot(_addr(tape[t, F_A], kind, loc, ctab, i, wbase),
-                  _addr(tape[t, F_B], kind, loc, ctab, i, wbase),
-                  _addr(tape[t, F_OUT], kind, loc, ctab, i, wbase), _dim(ip[p], r))
-        elif op == OP_OUTER:
-            m = _dim(ip[p], r)
-            k = _dim(ip[p + 1], r)
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), m)
-            y = carray(_fptr(_addr(tape[t, F_B], kind, loc, ctab, i, wbase)), k)
-            for a in range(m):
-                v = x[a]
-                for j in range(k):
-                    o[a * k + j] = v * y[j]
-        elif op == OP_TAKE or op == OP_UNTAKE or op == OP_TAKE_ALONG_AXIS \
-                or op == OP_UNTAKE_ALONG_AXIS:
-            # ip: outer, D, inner, K as (static, ragged count) pairs; D is the gathered axis
-            # of x (take) or of the result (untake), K the number of indices along it
-            outer = _cnt(ip[p], ip[p + 1], r)
-            D = _cnt(ip[p + 2], ip[p + 3], r)
-            inner = _cnt(ip[p + 4], ip[p + 5], r)
-            K = _cnt(ip[p + 6], ip[p + 7], r)
-            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), na)
-            idx = carray(_fptr(_addr(tape[t, F_B], kind, loc, ctab, i, wbase)), nb)
-            if op == OP_TAKE:
-                st = _take(x, idx, o, outer, D, inner, K, err)
-            elif op == OP_UNTAKE:
-                st = _untake(x, idx, o, outer, D, inner, K, err)
-            else:
-                st = _take_along(x, idx, o, outer, D, K, inner, op == OP_UNTAKE_ALONG_AXIS, err)
-            if st != E_OK:
-                err[1] = t
-                return st
-        elif op == OP_ONE_HOT:
-            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-            x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), na)
-            _one_hot(x, o, na, ip[p])
-        elif op == OP_ROWS:
-            o[0] = r
-        elif op == OP_NUM_CLIENTS:
-            o[0] = n
-        elif op == OP_FINISH:
-            # ip: mode, acc offset, [weight acc offset]; sum the chunk rows in order
-            mode = ip[p]
-            off = ip[p + 1]
-            for j in range(no):
-                s = 0.0
-                for c in range(nchunks):
-                    s += acc[c, off + j]
-                o[j] = s
-            if mode == AG_MEAN:
-                for j in range(no):
-                    o[j] = o[j] / n
-            elif mode == AG_WMEAN:
-                ws = 0.0
-                for c in range(nchunks):
-                    ws += acc[c, ip[p + 2]]
-                for j in range(no):
-                    o[j] = o[j] / ws
-        if tape[t, F_FLAGS] & 1:
-            for j in range(no):
-                o[j] = np.float32(o[j])
-    return E_OK
-
-
-@njit(cache=True, error_model="numpy")
-def _move(op, tape, t, ip, p, kind, loc, ctab, i, wbase, r, o, no, sc):
-    """broadcast_in_dim, transpose, slice and pad: one strided copy each."""
-    shp = sc[64:64 + MAX_NDIM]
-    sstr = sc[80:80 + MAX_NDIM]
-    dstr = sc[96:96 + MAX_NDIM]
-    idx = sc[112:112 + MAX_NDIM]
-    xs = sc[128:128 + MAX_NDIM]
-    xstr = sc[144:144 + MAX_NDIM]
-    na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-    x = carray(_fptr(_addr(tape[t, F_A], kind, loc, ctab, i, wbase)), na)
+@_kernel(7)
+def k_move(op, pip, r, px, na, po, no):
+    """broadcast_in_dim, transpose, slice and pad (params at ``pip``): one strided copy each;
+    concatenate (op OP_CONCATENATE): one operand, ``pip`` -> (nd, axis, out dims, start)."""
+    ip = _i(pip, 4 + 5 * MAX_NDIM)
+    x = _f(px, na)
+    o = _f(po, no)
+    shp = np.empty(MAX_NDIM, dtype=np.int64)
+    sstr = np.empty(MAX_NDIM, dtype=np.int64)
+    dstr = np.empty(MAX_NDIM, dtype=np.int64)
+    idx = np.empty(MAX_NDIM, dtype=np.int64)
+    xs = np.empty(MAX_NDIM, dtype=np.int64)
+    xstr = np.empty(MAX_NDIM, dtype=np.int64)
+    zero = na - na
     if op == OP_BROADCAST_IN_DIM:
         # ip: out nd, out dims, in nd, in dims, dims map
-        nd = ip[p]
+        nd = ip[0]
         for a in range(nd):
-            shp[a] = _dim(ip[p + 1 + a], r)
+            shp[a] = _dim(ip[1 + a], r)
             sstr[a] = 0
-        q = p + 1 + nd
+        q = 1 + nd
         xn = ip[q]
         for a in range(xn):
             xs[a] = _dim(ip[q + 1 + a], r)
@@ -991,45 +733,363 @@ def _move(op, tape, t, ip, p, kind, loc, ctab, i, wbase, r, o, no, sc):
             if xs[a] != 1:
                 sstr[ip[q + 1 + xn + a]] = xstr[a]
         _c_strides(shp, nd, dstr)
-        _copy_nd(x, 0, sstr, o, 0, dstr, shp, nd, idx)
+        _copy_nd(x, zero, sstr, o, zero, dstr, shp, nd, idx)
     elif op == OP_TRANSPOSE:
         # ip: nd, in dims, perm
-        nd = ip[p]
+        nd = ip[0]
         for a in range(nd):
-            xs[a] = _dim(ip[p + 1 + a], r)
+            xs[a] = _dim(ip[1 + a], r)
         _c_strides(xs, nd, xstr)
         for a in range(nd):
-            pa = ip[p + 1 + nd + a]
+            pa = ip[1 + nd + a]
             shp[a] = xs[pa]
             sstr[a] = xstr[pa]
         _c_strides(shp, nd, dstr)
-        _copy_nd(x, 0, sstr, o, 0, dstr, shp, nd, idx)
+        _copy_nd(x, zero, sstr, o, zero, dstr, shp, nd, idx)
+    elif op == OP_CONCATENATE:
+        # ip: nd, axis, out dims[nd], then this operand: start along axis, dims[nd]
+        nd = ip[0]
+        axis = ip[1]
+        for a in range(nd):
+            xs[a] = _dim(ip[2 + a], r)
+        _c_strides(xs, nd, dstr)
+        start = ip[2 + nd]
+        for a in range(nd):
+            shp[a] = _dim(ip[3 + nd + a], r)
+        _c_strides(shp, nd, sstr)
+        _copy_nd(x, zero, sstr, o, start * dstr[axis], dstr, shp, nd, idx)
     else:
         # slice / pad; ip: nd, big dims (x for slice, result for pad), starts, limits, strides
-        nd = ip[p]
+        nd = ip[0]
         for a in range(nd):
-            xs[a] = _dim(ip[p + 1 + a], r)
+            xs[a] = _dim(ip[1 + a], r)
         _c_strides(xs, nd, xstr)
-        off = 0
+        off = zero
         for a in range(nd):
-            s0 = ip[p + 1 + nd + a]
-            lim = ip[p + 1 + 2 * nd + a]
-            k = ip[p + 1 + 3 * nd + a]
+            s0 = ip[1 + nd + a]
+            lim = ip[1 + 2 * nd + a]
+            k = ip[1 + 3 * nd + a]
             lim = xs[a] if lim < 0 else lim
             shp[a] = (lim - s0 + k - 1) // k if lim > s0 else 0
             off += s0 * xstr[a]
             xstr[a] *= k
         _c_strides(shp, nd, sstr)
         if op == OP_SLICE:
-            _copy_nd(x, off, xstr, o, 0, sstr, shp, nd, idx)
+            _copy_nd(x, off, xstr, o, zero, sstr, shp, nd, idx)
         else:
             for j in range(no):
                 o[j] = 0.0
-            _copy_nd(x, 0, sstr, o, off, xstr, shp, nd, idx)
+            _copy_nd(x, zero, sstr, o, off, xstr, shp, nd, idx)
+    return 0
+
+
+@njit(inline="always")
+def _index(v, D):
+    """An index value as an int in [0, D), or -1 when out of range (or not an integer)."""
+    if not (v >= -D and v < D):
+        return -1
+    k = np.int64(v)
+    if k != v:
+        return -1
+    if k < 0:
+        k += D
+    return k
+
+
+@_kernel(9)
+def k_take(op, px, pidx, po, outer, D, inner, K, perr):
+    """take / untake (K indices along the axis), take_along_axis / untake_along_axis (indices
+    shaped [outer, K, inner]). D is the indexed axis of x (take) or of the result (untake).
+    Every index is checked first: out of [-D, D) returns E_INDEX with the value in err."""
+    err = _i(perr, 5)
+    along = op == OP_TAKE_ALONG_AXIS or op == OP_UNTAKE_ALONG_AXIS
+    scatter = op == OP_UNTAKE or op == OP_UNTAKE_ALONG_AXIS
+    nidx = outer * K * inner if along else K
+    idx = _f(pidx, nidx)
+    for t in range(nidx):
+        if _index(idx[t], D) < 0:
+            v = idx[t]
+            err[3] = np.int64(v) if (v == v and abs(v) < 9e18) else -(2 ** 62)
+            err[4] = D
+            return E_INDEX
+    nsmall = outer * K * inner
+    nbig = outer * D * inner
+    x = _f(px, nsmall if scatter else nbig)
+    o = _f(po, nbig if scatter else nsmall)
+    if scatter:
+        for t in range(nbig):
+            o[t] = 0.0
+    for k in range(outer):
+        for q in range(K):
+            b = (k * K + q) * inner
+            if along:
+                for j in range(inner):
+                    d = _index(idx[b + j], D)
+                    if scatter:
+                        o[(k * D + d) * inner + j] += x[b + j]
+                    else:
+                        o[b + j] = x[(k * D + d) * inner + j]
+            else:
+                d = _index(idx[q], D)
+                g = (k * D + d) * inner
+                if scatter:
+                    for j in range(inner):
+                        o[g + j] += x[b + j]
+                else:
+                    for j in range(inner):
+                        o[b + j] = x[g + j]
+    return E_OK
+
+
+@_kernel(4)
+def k_one_hot(px, po, n, depth):
+    lab = _f(px, n)
+    o = _f(po, n * depth)
+    for i in range(n):
+        v = lab[i]
+        for c in range(depth):
+            o[i * depth + c] = 1.0 if v == c else 0.0
+    return 0
+
+
+# --------------------------------------------------------------------------- products
+
+@_kernel(7)
+def k_dot(op, pa, pb, po, m, k, n):
+    """matmul [m,k]@[k,n], matvec [m,k]@[k], vecmat [k]@[k,n] (m = 1), vdot (m = n = 1),
+    outer [m]x[n] (k = 1). BLAS (np.dot on contiguous views) for real work, loops below
+    SMALL_DOT multiply-adds, where a BLAS call costs more than it saves."""
+    o = _f(po, m * n)
+    if m == 0 or n == 0:
+        return 0
+    if k == 0:
+        for j in range(m * n):
+            o[j] = 0.0
+        return 0
+    if op == OP_OUTER:
+        a = _f(pa, m)
+        b = _f(pb, n)
+        for i in range(m):
+            v = a[i]
+            for j in range(n):
+                o[i * n + j] = v * b[j]
+        return 0
+    if m * k * n >= SMALL_DOT:
+        if op == OP_MATMUL:
+            np.dot(carray(_fptr(pa), (m, k)), carray(_fptr(pb), (k, n)),
+                   carray(_fptr(po), (m, n)))
+        elif op == OP_MATVEC:
+            np.dot(carray(_fptr(pa), (m, k)), _f(pb, k), o)
+        elif op == OP_VECMAT:
+            np.dot(_f(pa, k), carray(_fptr(pb), (k, n)), o)
+        else:
+            o[0] = np.dot(_f(pa, k), _f(pb, k))
+        return 0
+    a = _f(pa, m * k)
+    b = _f(pb, k * n)
+    if n == 1:                  # matvec, vdot: one dot product per row
+        for i in range(m):
+            s = 0.0
+            for q in range(k):
+                s += a[i * k + q] * b[q]
+            o[i] = s
+        return 0
+    for i in range(m):          # matmul, vecmat: rows of b scaled and added
+        for j in range(n):
+            o[i * n + j] = 0.0
+        for q in range(k):
+            v = a[i * k + q]
+            for j in range(n):
+                o[i * n + j] += v * b[q * n + j]
+    return 0
+
+
+KERNELS = (k_unary, k_binary, k_select, k_convert, k_reduce, k_argmax, k_move, k_take,
+           k_one_hot, k_dot)
+KI_UNARY = 0
+KI_BINARY = 1
+KI_SELECT = 2
+KI_CONVERT = 3
+KI_REDUCE = 4
+KI_ARGMAX = 5
+KI_MOVE = 6
+KI_TAKE = 7
+KI_ONE_HOT = 8
+KI_DOT = 9
+
+
+def kernel_table() -> np.ndarray:
+    """The kernels' addresses, in KI_* order (valid while this module is loaded)."""
+    return np.asarray([k.address for k in KERNELS], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- the interpreter
+
+@njit(inline="always")
+def _addr(b, kind, loc, ctab, i, wbase):
+    k = kind[b]
+    if k == K_FIXED:
+        return loc[b]
+    if k == K_WORK:
+        return wbase + loc[b]
+    return ctab[loc[b], i]
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, wsaddr, wsrow,
+             acc, crow, err, fns):
+    """Run tape rows [start, stop) for clients lo..hi-1, one after the other, with the
+    workspace and accumulator row of chunk ``crow``; ``lo < 0``: once, for the server.
+
+    Returns a status code; on error ``err`` holds (code, row, client, value, bound).
+    """
+    sc = np.empty(SCRATCH, dtype=np.int64)
+    psc = sc.ctypes.data
+    pip0 = ip.ctypes.data
+    perr = err.ctypes.data
+    wbase = wsaddr + crow * wsrow
+    if lo < 0:
+        lo = -1
+        hi = 0
+    for i in range(lo, hi):
+        r = rows[i] if i >= 0 else lo - lo
+        for t in range(start, stop):
+            op = tape[t, F_OP]
+            p = tape[t, F_IP]
+            no = _cnt(tape[t, F_NO], tape[t, F_KO], r)
+            pa = _addr(tape[t, F_A], kind, loc, ctab, i, wbase) if tape[t, F_A] >= 0 else 0
+            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
+            st = E_OK
+            if op == OP_AGGREGATE:
+                # ip: mode, acc offset, [weight acc offset]
+                x = _f(pa, no)
+                off = ip[p + 1]
+                if ip[p] == AG_WMEAN:
+                    w = _f(_addr(tape[t, F_B], kind, loc, ctab, i, wbase), 1)[0]
+                    for j in range(no):
+                        acc[crow, off + j] += w * x[j]
+                    acc[crow, ip[p + 2]] += w
+                else:
+                    for j in range(no):
+                        acc[crow, off + j] += x[j]
+                continue
+            po = _addr(tape[t, F_OUT], kind, loc, ctab, i, wbase)
+            pb = _addr(tape[t, F_B], kind, loc, ctab, i, wbase) if tape[t, F_B] >= 0 else 0
+            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
+            if op <= OP_ABS:
+                _call(fns[KI_UNARY], (op, pa, po, no))
+            elif op <= OP_NE:
+                _call(fns[KI_BINARY], (op, pa, pb, po, no, na, nb))
+            elif op == OP_SELECT:
+                pc = _addr(tape[t, F_C], kind, loc, ctab, i, wbase)
+                nc = _cnt(tape[t, F_NC], tape[t, F_KC], r)
+                _call(fns[KI_SELECT], (pa, pb, pc, po, no, na, nb, nc))
+            elif op == OP_CONVERT or op == OP_COPY:
+                _call(fns[KI_CONVERT], (ip[p] if op == OP_CONVERT else CV_COPY, pa, po, no,
+                                        tape[t, F_FLAGS] & 1))
+                continue
+            elif op == OP_ZEROS:
+                o = _f(po, no)
+                for j in range(no):
+                    o[j] = 0.0
+            elif op == OP_REDUCE_SUM or op == OP_REDUCE_MAX:
+                # ip: nd, dims[nd], mask[nd]
+                nd = ip[p]
+                for a in range(nd):
+                    sc[64 + a] = _dim(ip[p + 1 + a], r)
+                    sc[80 + a] = ip[p + 1 + nd + a]
+                st = _call(fns[KI_REDUCE], (op == OP_REDUCE_MAX, pa, po, nd, psc + 8 * 64,
+                                            psc + 8 * 80, psc))
+            elif op == OP_ARGMAX:
+                # ip: outer, D, inner as (static, ragged count) pairs
+                st = _call(fns[KI_ARGMAX], (pa, po, _cnt(ip[p], ip[p + 1], r),
+                                            _cnt(ip[p + 2], ip[p + 3], r),
+                                            _cnt(ip[p + 4], ip[p + 5], r)))
+            elif op == OP_BROADCAST_IN_DIM or op == OP_TRANSPOSE or op == OP_SLICE \
+                    or op == OP_PAD:
+                _call(fns[KI_MOVE], (op, pip0 + 8 * p, r, pa, na, po, no))
+            elif op == OP_CONCATENATE:
+                # ip: nd, axis, out dims[nd], m, then per operand: buffer, dims[nd]; each
+                # operand goes through k_move with (nd, axis, out dims, start, dims) in sc
+                nd = ip[p]
+                axis = ip[p + 1]
+                m = ip[p + 2 + nd]
+                for a in range(nd + 2):
+                    sc[a] = ip[p + a]
+                q = p + 3 + nd
+                start_ax = lo - lo
+                for u in range(m):
+                    sc[2 + nd] = start_ax
+                    sz = lo - lo + 1
+                    for a in range(nd):
+                        d = _dim(ip[q + 1 + a], r)
+                        sc[3 + nd + a] = ip[q + 1 + a]
+                        sz *= d
+                    px = _addr(ip[q], kind, loc, ctab, i, wbase)
+                    _call(fns[KI_MOVE], (op, psc, r, px, sz, po, no))
+                    start_ax += _dim(ip[q + 1 + axis], r)
+                    q += 1 + nd
+            elif op == OP_MATMUL:
+                st = _call(fns[KI_DOT], (op, pa, pb, po, _dim(ip[p], r), _dim(ip[p + 1], r),
+                                         _dim(ip[p + 2], r)))
+            elif op == OP_MATVEC:
+                st = _call(fns[KI_DOT], (op, pa, pb, po, _dim(ip[p], r), _dim(ip[p + 1], r),
+                                         lo - lo + 1))
+            elif op == OP_VECMAT:
+                st = _call(fns[KI_DOT], (op, pa, pb, po, lo - lo + 1, _dim(ip[p], r),
+                                         _dim(ip[p + 1], r)))
+            elif op == OP_VDOT:
+                st = _call(fns[KI_DOT], (op, pa, pb, po, lo - lo + 1, _dim(ip[p], r),
+                                         lo - lo + 1))
+            elif op == OP_OUTER:
+                st = _call(fns[KI_DOT], (op, pa, pb, po, _dim(ip[p], r), lo - lo + 1,
+                                         _dim(ip[p + 1], r)))
+            elif op == OP_TAKE or op == OP_UNTAKE or op == OP_TAKE_ALONG_AXIS \
+                    or op == OP_UNTAKE_ALONG_AXIS:
+                # ip: outer, D, inner, K as (static, ragged count) pairs
+                st = _call(fns[KI_TAKE], (op, pa, pb, po, _cnt(ip[p], ip[p + 1], r),
+                                          _cnt(ip[p + 2], ip[p + 3], r),
+                                          _cnt(ip[p + 4], ip[p + 5], r),
+                                          _cnt(ip[p + 6], ip[p + 7], r), perr))
+            elif op == OP_ONE_HOT:
+                _call(fns[KI_ONE_HOT], (pa, po, na, ip[p]))
+            elif op == OP_ROWS:
+                _f(po, 1)[0] = r
+            elif op == OP_NUM_CLIENTS:
+                _f(po, 1)[0] = n
+            elif op == OP_FINISH:
+                # ip: mode, acc offset, [weight acc offset]; sum the chunk rows in order
+                o = _f(po, no)
+                off = ip[p + 1]
+                for j in range(no):
+                    s = 0.0
+                    for c in range(nchunks):
+                        s += acc[c, off + j]
+                    o[j] = s
+                if ip[p] == AG_MEAN:
+                    for j in range(no):
+                        o[j] = o[j] / n
+                elif ip[p] == AG_WMEAN:
+                    ws = 0.0
+                    for c in range(nchunks):
+                        ws += acc[c, ip[p + 2]]
+                    for j in range(no):
+                        o[j] = o[j] / ws
+            if st != E_OK:
+                err[0] = st
+                err[1] = t
+                err[2] = i
+                return st
+            if tape[t, F_FLAGS] & 1:
+                o = _f(po, no)
+                for j in range(no):
+                    o[j] = np.float32(o[j])
+    return E_OK
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wsaddr, wsrow, acc, err):
+def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wsaddr, wsrow, acc, err,
+                fns):
     """Run a lowered program: per stage, its server rows once, then its client rows for every
     client, in a prange over ``nchunks`` contiguous chunks of clients (one workspace row and
     one accumulator row per chunk; clients run one after the other inside a chunk).
@@ -1038,28 +1098,21 @@ def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wsaddr, wsr
     row per chunk and a last row for the server; returns False on the first failing stage.
     """
     srv = err.shape[0] - 1
+    zero = n - n
     for s in range(stages.shape[0]):
-        sc = np.empty(SCRATCH, dtype=np.int64)
-        st = _exec(tape, stages[s, 0], stages[s, 1], ip, kind, loc, ctab, -1, 0, 0, acc, 0,
-                   nchunks, n, sc, err[srv])
+        st = run_part(tape, stages[s, 0], stages[s, 1], ip, kind, loc, ctab, rows, zero - 1,
+                      zero, n, nchunks, wsaddr, wsrow, acc, zero, err[srv], fns)
         if st != E_OK:
-            err[srv, 0] = st
-            err[srv, 2] = -1
             return False
         c0 = stages[s, 2]
         c1 = stages[s, 3]
         if c1 <= c0:
             continue
         for c in prange(nchunks):
-            scc = np.empty(SCRATCH, dtype=np.int64)
-            wbase = wsaddr + c * wsrow
-            for i in range((c * n) // nchunks, ((c + 1) * n) // nchunks):
-                st = _exec(tape, c0, c1, ip, kind, loc, ctab, i, rows[i], wbase, acc, c,
-                           nchunks, n, scc, err[c])
-                if st != E_OK:
-                    err[c, 0] = st
-                    err[c, 2] = i
-                    break
+            cc = zero + c
+            run_part(tape, c0, c1, ip, kind, loc, ctab, rows, (cc * n) // nchunks,
+                     ((cc + 1) * n) // nchunks, n, nchunks, wsaddr, wsrow, acc, cc, err[cc],
+                     fns)
         for c in range(nchunks):
             if err[c, 0] != E_OK:
                 return False

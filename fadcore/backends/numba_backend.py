@@ -802,7 +802,7 @@ def execute(graph: Graph, inputs: Inputs) -> list:
     acc = np.zeros((nchunks, prog.acc_size), dtype=np.float64)
     err = np.zeros((nchunks + 1, 5), dtype=np.int64)
     ok = K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows, n,
-                       nchunks, ws.ctypes.data, 8 * wsrow, acc, err)
+                       nchunks, ws.ctypes.data, 8 * wsrow, acc, err, _kernels())
     del keep
     if not ok:
         _raise(prog, err, g)
@@ -843,6 +843,15 @@ def _output(prog, how, ref, t, inputs, n, rows, arena, pers, pers_off):
     if t.placement is CLIENTS:
         return ClientValues([val] * n, all_equal=True)
     return val
+
+
+_KERNELS: list = []
+
+
+def _kernels() -> np.ndarray:
+    if not _KERNELS:
+        _KERNELS.append(K.kernel_table())
+    return _KERNELS[0]
 
 
 def _num_threads() -> int:
