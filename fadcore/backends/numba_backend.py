@@ -246,7 +246,8 @@ class _Lowering:
                 cli[s].append(("op", e))
 
         # last uses: server values by program position, client values by stage
-        outputs = {self.find(a) for a in g.outputs if isinstance(a, Var)}
+        # an output may alias a literal (after 1.0 h, reverse mode's seed): nothing to keep
+        outputs = {r for r in map(self.find, g.outputs) if isinstance(r, Var)}
         INF = 1 << 60
         pos = 0
         last_fixed: dict = {}
