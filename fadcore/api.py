@@ -125,6 +125,9 @@ def _grad_impl(f, argnums, mode, state, policy, weights, boundaries, with_value)
         mask = _wrt_mask(g, nums, fname)
         name = f"{'value_and_' if with_value else ''}grad_{fname}"
         if mode == "forward":
+            # the primal's flows must satisfy the policy too, even where the derivative graph
+            # no longer contains them (reverse and mixed check this in their passes)
+            reverse.broadcast_transpose_for(g, policy)
             dg = _forward_grad_graph(g, mask, with_value, name)
         elif mode == "reverse" or g.out_types[0].placement is CLIENTS:
             local = g.out_types[0].placement is CLIENTS
