@@ -1,0 +1,514 @@
+"""The numba backend against the reference evaluator (the oracle) and hand-written NumPy.
+
+Every primitive runs on both backends (ragged clients, one client, 10,000 clients); the opcode
+table is checked against the primitive registry; bad run-time input gets a clear error; the
+compiled code is reused from the on-disk cache by a second process. Compiled code is shared by
+every test (one interpreter for all graphs), so the module runs in seconds once compiled.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fadcore as fad
+from fadcore import nn, ops
+from fadcore import numpy as fnp
+from fadcore.backends import numba_backend as nb
+from fadcore.backends.inputs import Inputs, prepare_inputs
+from fadcore.core import primitives
+
+RTOL = 1e-12
+SEEN: set[str] = set()          # primitives exercised by the comparison tests
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _leaves(x):
+    if isinstance(x, (tuple, list)):
+        return [y for v in x for y in _leaves(v)]
+    if isinstance(x, dict):
+        return [y for k in sorted(x) for y in _leaves(x[k])]
+    return [x]
+
+
+def _close(got, want, rtol, what):
+    if isinstance(want, fad.ClientValues):
+        assert isinstance(got, fad.ClientValues), what
+        assert len(got) == len(want), what
+        assert got.all_equal == want.all_equal, what
+        for i, (g, w) in enumerate(zip(got.members, want.members)):
+            _close(g, w, rtol, f"{what}, client {i}")
+        return
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    if want.dtype.kind == "f":
+        # rtol on every element; an absolute floor at rtol times the data's scale for
+        # entries that cancel to ~0 (different but equally exact summation orders)
+        scale = np.max(np.abs(want[np.isfinite(want)]), initial=1.0)
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=what)
+    else:
+        np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+def check(f, *args, rtol=RTOL, types=None, **kw):
+    """Run ``f`` (traced at ``types``, else at the arguments) on both backends and compare
+    every output; returns numba's."""
+    f = fad.trace(f) if not isinstance(f, fad.TracedFunction) else f
+    g = f.graph(*(types or args))
+    SEEN.update(g.primitives())
+    want = fad.run(g, *args, backend="reference", **kw)
+    got = fad.run(g, *args, backend="numba", **kw)
+    for k, (a, b) in enumerate(zip(_leaves(got), _leaves(want), strict=True)):
+        _close(a, b, rtol, f"{g.name} output {k}")
+    return got
+
+
+def ragged(rng, rows, *trailing, positive=False, high=None, dtype=np.float64):
+    if high is not None:
+        return fad.clients([rng.integers(0, high, size=(r, *trailing)).astype(dtype)
+                            for r in rows])
+    if positive:
+        return fad.clients([rng.uniform(0.5, 2.0, size=(r, *trailing)).astype(dtype)
+                            for r in rows])
+    return fad.clients([rng.normal(size=(r, *trailing)).astype(dtype) for r in rows])
+
+
+ROWS = {1: [3], 5: [4, 1, 6, 2, 3], 40: [(7 * i) % 11 + 1 for i in range(40)]}
+
+
+@pytest.fixture(params=sorted(ROWS), ids=lambda n: f"{n}clients")
+def rows(request):
+    return ROWS[request.param]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+# --------------------------------------------------------------------------- the opcode table
+
+def test_every_primitive_has_an_opcode_or_alias():
+    missing = [name for name in primitives if name not in nb.OPCODES and name not in nb.ALIASES]
+    assert not missing, f"primitives without a numba lowering: {missing}"
+    from fadcore.backends import _numba_kernels as K
+    assert len(set(K.OPCODE_NAMES)) == len(K.OPCODE_NAMES)
+    for name, code in nb.OPCODES.items():
+        assert K.OPCODE_NAMES[code] in (name, "zeros_like", "aggregate"), name
+
+
+def test_unknown_primitive_is_a_lowering_error():
+    from fadcore.core import Primitive
+    from fadcore.ir.graph import Eqn, Graph, Var
+
+    p = primitives.get("numba_test_mystery") or Primitive(
+        "numba_test_mystery", shape_rule=lambda x: x)
+    x = Var(fad.f64[3] @ fad.SERVER)
+    y = Var(fad.f64[3] @ fad.SERVER)
+    g = Graph([x], [Eqn(p, [x], y, {})], [y])
+    with pytest.raises(fad.LoweringError, match="numba_test_mystery"):
+        nb.lower(g)
+
+
+# --------------------------------------------------------------------------- every primitive
+
+def f_unary(w, X):
+    wc = fad.broadcast(w)
+    Z = X * wc
+    outs = [-Z, fnp.exp(Z), fnp.log(X), fnp.log1p(X), fnp.expm1(Z), fnp.sqrt(X), fnp.tanh(Z),
+            fnp.sigmoid(Z), fnp.sin(Z), fnp.cos(Z), fnp.sign(Z - 1.0), fnp.abs(Z - 1.0)]
+    total = sum(fnp.sum(o, axis=1) for o in outs)
+    return fad.mean(fnp.sum(total)), Z, fad.sum(fnp.sum(outs[3] * outs[6], axis=0))
+
+
+def f_binary(X, Y):
+    outs = [X + Y, X - Y, X * Y, X / Y, X ** Y, fnp.maximum(X, Y), fnp.minimum(X, Y),
+            fnp.logaddexp(X, Y), X * 2.0, 3.0 - X, 1.0 / Y]
+    cmp = [X < Y, X <= Y, X > Y, X >= Y, X == Y, X != Y]
+    picked = fnp.where(cmp[0], X, Y) + fnp.where(cmp[3], 1.0, -1.0)
+    counts = sum(fnp.sum(fnp.astype(c, fnp.float64), axis=1) for c in cmp)
+    return (fad.sum(sum(fnp.sum(o, axis=0) for o in outs)), picked, cmp[1],
+            fad.sum(fnp.sum(counts)))
+
+
+def f_shapes(X, T):
+    # X {f64[?,4]}, T {f64[?,2,3]}
+    s0, s1, sall = fnp.sum(X, axis=0), fnp.sum(X, axis=1), fnp.sum(X)
+    m0, m1 = fnp.max(X, axis=0), fnp.max(T, axis=(0, 2))
+    t02 = fnp.sum(T, axis=(0, 2)) + fnp.sum(T, axis=(0, 1))[:2] * 0.0
+    g3 = fnp.sum(T, axis=(1,))                      # [kept, reduced, kept]
+    gen = fnp.sum(fnp.transpose(T, (1, 0, 2)), axis=(0, 2))
+    am = fnp.astype(fnp.argmax(X, axis=1), fnp.float64)
+    bt = fnp.broadcast_to(s0, (3, 4)) + fnp.expand_dims(fnp.sum(X, axis=(0, 1)), 0)
+    sl = X[:, 1:3] * 2.0 + X[:, ::3][:, :2]
+    cat = fnp.concatenate([X, X[:, :1] * 0.5], axis=1)
+    st = fnp.stack([s0, m0], axis=0)
+    rs = fnp.reshape(T, (-1, 6))
+    tr = fnp.transpose(X)
+    total = (fnp.sum(s1) + sall + fnp.sum(m0) + fnp.sum(m1) + fnp.sum(t02) + fnp.sum(g3)
+             + fnp.sum(gen) + fnp.sum(am) + fnp.sum(bt) + fnp.sum(sl) + fnp.sum(cat)
+             + fnp.sum(st) + fnp.sum(rs) + fnp.sum(tr))
+    return fad.sum(total), cat, fad.mean(st), fad.sum(fnp.max(m0))
+
+
+def f_products(W, X, V):
+    # W f64[4,3]@S, X {f64[?,4]}, V {f64[80,60]} (BLAS sizes)
+    Wc = fad.broadcast(W)
+    H = X @ Wc                                      # matmul [?,4]@[4,3]
+    v = H @ fnp.ones_like(fnp.sum(H, axis=0))       # matvec
+    u = fnp.ones_like(X[:, 0]) @ X                  # vecmat
+    d = u @ u                                       # vdot
+    o = fnp.outer(u, fnp.sum(H, axis=0))
+    big = V @ fnp.transpose(V)                      # BLAS matmul
+    bv = V @ V[0]                                   # BLAS matvec
+    bw = V[0] @ fnp.transpose(V)                    # BLAS vecmat
+    bd = fnp.reshape(V, (-1,)) @ fnp.reshape(V, (-1,))   # BLAS vdot
+    return (fad.sum(fnp.sum(v) + d + fnp.sum(o)), H,
+            fad.sum(fnp.sum(big) + fnp.sum(bv) + fnp.sum(bw) + bd))
+
+
+def f_gathers(X, lab, E):
+    # X {f64[?,5]} logits, lab {i64[?]} labels in [0, 5), E f64[5,3]@S
+    loss = nn.softmax_cross_entropy(X, lab)
+    oh = fnp.one_hot(lab, 5)
+    emb = fnp.take(fad.broadcast(E), lab, axis=0)   # [?,3]
+    cols = fnp.take(X, np.array([4, 0, -1]), axis=1)
+    pred = fnp.argmax(X, axis=1)
+    hits = fnp.sum(fnp.astype(pred == lab, fnp.float64))
+    return (fad.mean(fnp.sum(loss) + fnp.sum(oh * X) + fnp.sum(emb) + fnp.sum(cols)),
+            fad.sum(hits), pred, emb)
+
+
+def f_federated(w, X, alpha, c):
+    wc = fad.broadcast(w)
+    z = fnp.sum(X * wc, axis=0)
+    n = fad.num_clients()
+    return (fad.sum(z), fad.mean(z), fad.secure_sum(z), fad.weighted_mean(z, alpha),
+            fad.sum(fad.broadcast(c) * 2.0), n, wc)
+
+
+def f_internal(w, X, lab):
+    # primitives derivative passes emit, called directly
+    wc = fad.broadcast(w)
+    Z = X * wc                                       # [?,3]
+    tok = fad.mean(fnp.sum(Z))
+    y = ops.after(w * 2.0, tok)
+    d = Z.shape[0]                                   # None (ragged) or the rows
+    p = ops.pad(Z, (d, 5), (0, 1), (d, 4), (1, 1))
+    u = ops.untake(Z, lab, 0, 4)                     # scatter-add rows by label
+    ua = ops.untake_along_axis(Z[:, :1], fnp.expand_dims(lab, -1), 1, 3)
+    zl = ops.zeros_like(Z) + ops.stop_gradient(Z)
+    r = ops.rows(X) if X.shape[0] is None else float(X.shape[0])
+    return (y, fad.sum(fnp.sum(p, axis=0)), fad.sum(fnp.sum(u, axis=1)), fad.sum(
+        fnp.sum(ua, axis=0)), fad.sum(fnp.sum(zl) + r), p)
+
+
+def test_unary(rng, rows):
+    check(f_unary, rng.normal(size=3), ragged(rng, rows, 3, positive=True))
+
+
+def test_binary(rng, rows):
+    X = ragged(rng, rows, 4, positive=True)
+    Y = fad.clients([np.where(rng.random(x.shape) < 0.3, x, rng.uniform(0.5, 2, x.shape))
+                     for x in X])                    # some ties for ==, max, min
+    check(f_binary, X, Y)
+
+
+def test_shapes_and_reductions(rng, rows):
+    check(f_shapes, ragged(rng, rows, 4), ragged(rng, rows, 2, 3))
+
+
+def test_products(rng, rows):
+    check(f_products, rng.normal(size=(4, 3)), ragged(rng, rows, 4),
+          fad.clients([rng.normal(size=(80, 60)) for _ in rows]))
+
+
+def test_gathers(rng, rows):
+    check(f_gathers, ragged(rng, rows, 5), ragged(rng, rows, high=5, dtype=np.int64),
+          rng.normal(size=(5, 3)))
+
+
+def test_federated(rng, rows):
+    n = len(rows)
+    check(f_federated, rng.normal(size=3), ragged(rng, rows, 3),
+          fad.clients(rng.uniform(0.1, 1.0, size=n)), np.float64(1.5))
+
+
+def test_internal_primitives(rng, rows):
+    check(f_internal, rng.normal(size=3), ragged(rng, rows, 3),
+          ragged(rng, rows, high=3, dtype=np.int64))
+
+
+def test_one_client_with_a_ragged_graph(rng):
+    R = fad.CLIENTS
+    check(f_internal, rng.normal(size=3), ragged(rng, [4], 3),
+          ragged(rng, [4], high=3, dtype=np.int64),
+          types=(fad.f64[3] @ fad.SERVER, fad.f64[None, 3] @ R, fad.i64[None] @ R))
+
+
+def test_zero_row_client(rng):
+    rows = [3, 0, 2]
+    check(f_unary, rng.normal(size=3), ragged(rng, rows, 3, positive=True))
+    check(fed_mse, rng.normal(size=3), ragged(rng, rows, 3), ragged(rng, rows))   # NaN mean
+
+
+def test_server_only_graph(rng):
+    def f(a, b):
+        return fnp.tanh(a @ b).sum(axis=0), fnp.transpose(a) * 2.0, a[0] < 0.0
+    check(f, rng.normal(size=(3, 4)), rng.normal(size=(4, 5)))
+
+
+# --------------------------------------------------------------------------- gradients
+
+def fed_mse(w, X, y):
+    r = X @ fad.broadcast(w) - y
+    return fad.mean(fnp.mean(r * r))
+
+
+def fed_logreg(W, X, lab):
+    logits = X @ fad.broadcast(W)
+    return fad.mean(fnp.mean(nn.softmax_cross_entropy(logits, lab)))
+
+
+def weighted_loss(w, X, y, alpha):
+    r = X @ fad.broadcast(w) - y
+    return fnp.log(fad.weighted_mean(fnp.mean(r * r), alpha) + 1.0)
+
+
+@pytest.mark.skipif(not hasattr(fad, "grad"), reason="fad.grad not there yet")
+@pytest.mark.parametrize("mode", ["reverse", "forward", "mixed"])
+def test_gradients(rng, rows, mode):
+    d = 4
+    X = ragged(rng, rows, d)
+    y = ragged(rng, rows)
+    lab = ragged(rng, rows, high=3, dtype=np.int64)
+    alpha = fad.clients(rng.uniform(0.5, 1.5, size=len(rows)))
+    check(fad.value_and_grad(fed_mse, mode=mode), rng.normal(size=d), X, y)
+    check(fad.grad(fed_logreg, mode=mode), rng.normal(size=(d, 3)), X, lab)
+    argnums = 0 if mode == "forward" else (0, 3)     # forward mode: server arguments only
+    check(fad.grad(weighted_loss, argnums=argnums, mode=mode), rng.normal(size=d), X, y, alpha)
+
+
+@pytest.mark.skipif(not hasattr(fad, "grad"), reason="fad.grad not there yet")
+def test_fedavg_round_grad_of_grad(rng):
+    K, lr = 3, 0.1
+
+    def client_loss(w, X, y):
+        z = X @ w
+        return fnp.mean(fnp.logaddexp(0.0, z) - y * z)
+
+    def after_round(eta, alpha, w, X, y):
+        wc = local = fad.broadcast(w)
+        for _ in range(K):
+            local = local - lr * fad.grad(client_loss)(local, X, y)
+        w_new = w - eta * fad.weighted_mean(wc - local, alpha)
+        return fad.mean(client_loss(fad.broadcast(w_new), X, y))
+
+    rows = ROWS[40]
+    X = ragged(rng, rows, 5)
+    y = fad.clients([(rng.random(r) < 0.5).astype(np.float64) for r in rows])
+    alpha = fad.clients(rng.uniform(0.5, 1.5, size=len(rows)))
+    check(fad.value_and_grad(after_round, argnums=(0, 1)), np.float64(0.5), alpha,
+          rng.normal(size=5), X, y)
+
+
+def test_every_primitive_was_compared():
+    """The comparison tests of this module touch every primitive (re-run here at 5 clients so
+    that the check holds whatever subset of tests was selected)."""
+    rng, rows = np.random.default_rng(3), ROWS[5]
+    for t in (test_unary, test_binary, test_shapes_and_reductions, test_products, test_gathers,
+              test_federated, test_internal_primitives):
+        t(rng, rows)
+    if hasattr(fad, "grad"):
+        for mode in ("reverse", "forward", "mixed"):
+            test_gradients(rng, rows, mode)
+    missing = sorted(set(primitives) - SEEN - {"numba_test_mystery"})
+    assert not missing, f"primitives no comparison test exercised: {missing}"
+
+
+# --------------------------------------------------------------------------- dtypes
+
+def test_float32_graph(rng):
+    rows = ROWS[5]
+    X = ragged(rng, rows, 4, dtype=np.float32)
+    y = ragged(rng, rows, dtype=np.float32)
+    w = rng.normal(size=4).astype(np.float32)
+    out = check(fed_mse, w, X, y, rtol=2e-6)
+    assert out.dtype == np.float32
+    if hasattr(fad, "grad"):
+        g = check(fad.grad(fed_mse), w, X, y, rtol=2e-5)
+        assert g.dtype == np.float32
+
+
+def test_int_and_bool_outputs(rng):
+    X = ragged(rng, ROWS[5], 3)
+    lab = ragged(rng, ROWS[5], high=3, dtype=np.int64)
+
+    def f(X, lab):
+        return lab * 2 + 1, fnp.argmax(X, axis=1), X > 0.0, fad.sum(fnp.sum(lab))
+    got = check(f, X, lab)
+    assert got[0].dtype == np.int64 and got[2].dtype == np.bool_
+
+
+# --------------------------------------------------------------------------- scale
+
+def test_ten_thousand_clients(rng):
+    n, r, d = 10_000, 3, 4
+    X = rng.normal(size=(n, r, d))
+    y = rng.normal(size=(n, r))
+    w = rng.normal(size=d)
+    Xc, yc = fad.clients(X), fad.clients(y)
+    got = check(fed_mse, w, Xc, yc)
+    np.testing.assert_allclose(got, np.mean(np.mean((X @ w - y) ** 2, axis=1)), rtol=RTOL)
+    if hasattr(fad, "grad"):
+        g = fad.run(fad.grad(fed_mse).graph(w, Xc, yc), w, Xc, yc, backend="numba")
+        want = np.einsum("ci,cij->j", 2.0 * (X @ w - y), X) / (n * r)
+        np.testing.assert_allclose(g, want, rtol=1e-11)
+
+
+def test_buffers_follow_the_live_set():
+    """A long chain reuses a few buffers: peak memory is the live set, not the graph."""
+    @fad.trace
+    def chain(w, X):
+        wc = fad.broadcast(w)
+        z = X * wc
+        for _ in range(60):
+            z = fnp.tanh(z) * 1.01 + 0.1
+        return fad.sum(fnp.sum(z, axis=0)), w * 1.0 + 2.0 * w - w
+
+    g = chain.graph(fad.f64[1000] @ fad.SERVER, fad.f64[None, 1000] @ fad.CLIENTS)
+    prog = nb.lower(g)
+    assert prog.stats["instructions"] > 120
+    assert max(prog.stats["work_slots"]) <= 3
+    assert prog.stats["arena_floats"] <= 3 * 1000
+    assert g._lowered["numba"] is prog          # cached on the graph
+
+
+def test_cotangent_fused_into_one_client_pass():
+    """grad of a mean of client losses: forward and backward in one client stage."""
+    if not hasattr(fad, "grad"):
+        pytest.skip("fad.grad not there yet")
+    g = fad.grad(fed_mse).graph(fad.f64[8] @ fad.SERVER, fad.f64[None, 8] @ fad.CLIENTS,
+                                fad.f64[None] @ fad.CLIENTS)
+    prog = nb.lower(g)
+    client_stages = [s for s in prog.stages.tolist() if s[3] > s[2]]
+    assert len(client_stages) == 1
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_bad_shapes_dtypes_and_counts(rng):
+    g = fad.trace(fed_mse).graph(fad.f64[3] @ fad.SERVER, fad.f64[None, 3] @ fad.CLIENTS,
+                                 fad.f64[None] @ fad.CLIENTS)
+    w = rng.normal(size=3)
+    X = ragged(rng, [2, 3], 3)
+    y = ragged(rng, [2, 3])
+    with pytest.raises(fad.ShapeError):
+        fad.run(g, w, ragged(rng, [2, 3], 4), y, backend="numba")
+    with pytest.raises(fad.DTypeError):
+        fad.run(g, w, ragged(rng, [2, 3], 3, dtype=np.float32), y, backend="numba")
+    with pytest.raises(fad.CardinalityError):
+        fad.run(g, w, X, ragged(rng, [2, 3, 4]), backend="numba")
+    with pytest.raises(fad.ShapeError):            # rows disagree between X and y
+        fad.run(g, w, X, ragged(rng, [3, 2]), backend="numba")
+    with pytest.raises(fad.ShapeError):
+        fad.run(g, rng.normal(size=4), X, y, backend="numba")
+
+
+def test_execute_checks_inputs_itself(rng):
+    """Inputs that bypass prepare_inputs still get errors, never a wild read."""
+    g = fad.trace(fed_mse).graph(fad.f64[3] @ fad.SERVER, fad.f64[None, 3] @ fad.CLIENTS,
+                                 fad.f64[None] @ fad.CLIENTS)
+    X = [rng.normal(size=(2, 3)), rng.normal(size=(3, 4))]      # client 1 has 4 columns
+    y = [rng.normal(size=2), rng.normal(size=3)]
+    bad = Inputs([rng.normal(size=3), X, y], 2, np.array([2, 3]))
+    with pytest.raises(fad.ShapeError, match="client 1"):
+        nb.execute(g, bad)
+    short = Inputs([rng.normal(size=3), X[:1], y], 2, np.array([2, 3]))
+    with pytest.raises(fad.CardinalityError):
+        nb.execute(g, short)
+
+
+def test_nan_and_inf_propagate(rng):
+    X = ragged(rng, [2, 3], 3)
+    X.members[1][0, 0] = np.nan
+    X.members[0][1, 2] = np.inf
+    y = ragged(rng, [2, 3])
+    check(fed_mse, rng.normal(size=3), X, y)
+    out = fad.run(fad.trace(fed_mse).graph(rng.normal(size=3), X, y), rng.normal(size=3), X, y,
+                  backend="numba")
+    assert np.isnan(out)
+
+
+@pytest.mark.parametrize("bad", [5, -6, 100])
+def test_out_of_range_labels_raise(rng, bad):
+    rows = [3, 4]
+    X = ragged(rng, rows, 5)
+    lab = ragged(rng, rows, high=5, dtype=np.int64)
+    lab.members[1][2] = bad
+    g = fad.trace(fed_logreg).graph(fad.f64[5, 5] @ fad.SERVER, X, lab)
+    with pytest.raises(fad.ShapeError, match=f"index {bad} out of range .* client 1"):
+        fad.run(g, rng.normal(size=(5, 5)), X, lab, backend="numba")
+
+    def f(E, lab):
+        return fad.sum(fnp.sum(fnp.take(fad.broadcast(E), lab, axis=0)))
+    g = fad.trace(f).graph(rng.normal(size=(5, 2)), lab)
+    with pytest.raises(fad.ShapeError, match="take"):
+        fad.run(g, rng.normal(size=(5, 2)), lab, backend="numba")
+
+
+def test_negative_labels_wrap_like_numpy(rng):
+    def f(E, lab):
+        return fad.sum(fnp.sum(fnp.take(fad.broadcast(E), lab, axis=0), axis=0))
+    lab = fad.clients([np.array([-1, 0, -5]), np.array([4])])
+    check(f, rng.normal(size=(5, 2)), lab)
+
+
+def test_zero_row_client_max_is_an_error(rng):
+    def f(X):
+        return fad.sum(fnp.max(X, axis=0))
+    X = fad.clients([rng.normal(size=(2, 3)), np.zeros((0, 3))])
+    with pytest.raises(fad.ShapeError, match="client 1"):
+        fad.run(fad.trace(f).graph(X), X, backend="numba")
+
+
+def test_huge_integers_are_refused(rng):
+    def f(lab):
+        return fad.sum(fnp.sum(lab))
+    lab = fad.clients([np.array([2 ** 60, 1])])
+    with pytest.raises(fad.DTypeError, match="2\\*\\*53"):
+        fad.run(fad.trace(f).graph(lab), lab, backend="numba")
+
+
+# --------------------------------------------------------------------------- cache
+
+def test_second_process_reuses_the_cache(rng, tmp_path):
+    # compile here (no-op if already compiled), then a fresh process must load, not compile
+    X = ragged(rng, [2, 3], 3)
+    check(fed_mse, rng.normal(size=3), X, ragged(rng, [2, 3]))
+    code = textwrap.dedent("""
+        import numpy as np, fadcore as fad
+        from fadcore import numpy as fnp
+        from fadcore.backends import _numba_kernels as K
+        def fed_mse(w, X, y):
+            r = X @ fad.broadcast(w) - y
+            return fad.mean(fnp.mean(r * r))
+        X = fad.clients([np.ones((2, 3)), np.ones((1, 3))])
+        y = fad.clients([np.ones(2), np.ones(1)])
+        fad.trace(fed_mse).run(np.ones(3), X, y, backend="numba")
+        s = K.run_program.stats
+        print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))
+    """)
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr
+    hits, misses = map(int, out.stdout.split()[-2:])
+    assert hits >= 1 and misses == 0
