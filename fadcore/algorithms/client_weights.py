@@ -11,12 +11,16 @@ gradient step normalised by the cohort's RMS gradient:
 
     s_i -= lr * (g_i / rms(g_cohort) + shrink * s_i)
 
-so the step size is independent of the loss's scale; ``shrink`` pulls the log-weights back
-towards uniform (an L2 penalty on ``s``), which keeps the weights of clean clients, whose
-gradients are noisy round to round, from drifting apart. A client whose change raises the
-validation loss (e.g. one with corrupted labels) gets a positive ``g_i`` round after round and its
-weight decays; ``s`` is re-centred to mean 0 (weights are only defined up to a common factor)
-and clipped to ``[s_min, s_max]``.
+so the step size does not depend on the loss's scale; ``shrink`` (default 0) pulls the
+log-weights back towards uniform (an L2 penalty on ``s``).
+
+A client whose change raises the validation loss (e.g. one with corrupted labels) gets a
+positive ``g_i`` round after round and its weight decays. The weighted mean is invariant to
+scaling all weights, so ``sum_i alpha_i dL/dalpha_i = 0`` over a cohort: the steps have mean
+zero and there is no common drift. ``s`` starts at 0 (uniform weights) and is clipped to
+``[s_min, s_max]`` with ``s_max = 0`` by default: a client's weight can fall below the others'
+but not rise above the starting level. The one-round validation signal is noisy, and unbounded
+weights tend to collapse onto a handful of clients, which costs accuracy on heterogeneous data.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ class ClientWeights:
     """Positive per-client weights over a population of ``num_clients`` clients."""
 
     def __init__(self, num_clients: int, lr: float = 0.3, shrink: float = 0.0, base=None,
-                 s_min: float = -12.0, s_max: float = 12.0):
+                 s_min: float = -12.0, s_max: float = 0.0):
         self.s = np.zeros(int(num_clients))
         self.base = (np.ones(int(num_clients)) if base is None
                      else np.asarray(base, dtype=np.float64).copy())
@@ -55,7 +59,6 @@ class ClientWeights:
         rms = float(np.sqrt(np.mean(g * g)))
         if rms > 0:
             self.s[ids] -= self.lr * (g / rms + self.shrink * self.s[ids])
-        self.s -= self.s.mean()
         np.clip(self.s, self.s_min, self.s_max, out=self.s)
 
     def normalized(self) -> np.ndarray:

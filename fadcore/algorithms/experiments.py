@@ -39,7 +39,9 @@ __all__ = ["DemoConfig", "load_data", "make_algorithm", "lr_experiment", "weight
 class DemoConfig:
     """Every knob of the demo; :func:`DemoConfig.quick` and ``smoke`` are smaller presets."""
 
-    dataset: str = "synthetic"            # "synthetic" (Synthetic(1,1)) or "digits"
+    dataset: str | None = None            # "synthetic" (Synthetic(1,1)) or "digits" for both
+                                          # experiments; None: synthetic for the learning
+                                          # rate, digits for the client weights
     model: str = "softmax"                # "softmax" (softmax regression) or "mlp"
     hidden: int = 32                      # MLP hidden units
     rounds: int = 150
@@ -52,13 +54,13 @@ class DemoConfig:
     hyper_beta: float = 0.3               # HypergradientLR step (log-eta units per round)
     hyper_rule: str = "normalized"
     noisy_fraction: float = 0.5
-    weights_lr: float = 0.2
-    weights_shrink: float = 0.1
-    weights_eta: float | None = None      # None: the best fixed rate of experiment 1, else 1
+    weights_lr: float = 0.3               # ClientWeights step (log-weight units per round)
+    weights_shrink: float = 0.0
+    weights_eta: float = 1.0              # server rate of the client-weights runs (FedAvg)
     validation_fraction: float = 0.3      # share of the pooled held-out rows the server keeps
     target: float | None = None           # accuracy for "rounds to target" (None: see below)
     experiments: tuple = ("lr", "weights")
-    data_kwargs: dict = field(default_factory=dict)   # passed to the dataset generator
+    data_kwargs: dict = field(default_factory=dict)   # {dataset: generator keyword args}
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
@@ -68,8 +70,9 @@ class DemoConfig:
     def smoke(cls, **kw) -> "DemoConfig":
         """Tiny sizes for tests: a few clients, a few rounds, a two-point grid."""
         base = {"rounds": 4, "clients_per_round": 3, "lr_grid": (1.0, 3.0), "local_steps": 2,
-                "data_kwargs": {"num_clients": 8, "dim": 10, "num_classes": 4,
-                                "max_samples": 60}}
+                "data_kwargs": {"synthetic": {"num_clients": 8, "dim": 10, "num_classes": 4,
+                                              "max_samples": 60},
+                                "digits": {"num_clients": 6}}}
         return cls(**{**base, **kw})
 
 
@@ -85,12 +88,15 @@ def total_rounds(cfg: DemoConfig) -> int:
 
 # --------------------------------------------------------------------------- set-up
 
-def load_data(cfg: DemoConfig) -> datasets.FederatedDataset:
-    if cfg.dataset == "synthetic":
-        return datasets.synthetic(1.0, 1.0, seed=cfg.seed, **cfg.data_kwargs)
-    if cfg.dataset == "digits":
-        return datasets.digits(seed=cfg.seed, **cfg.data_kwargs)
-    raise ValueError(f"dataset must be 'synthetic' or 'digits', got {cfg.dataset!r}")
+def load_data(cfg: DemoConfig, default: str = "synthetic") -> datasets.FederatedDataset:
+    """``cfg.dataset`` (or ``default`` when it is None), generated from ``cfg.seed``."""
+    name = cfg.dataset or default
+    kw = cfg.data_kwargs.get(name, {})
+    if name == "synthetic":
+        return datasets.synthetic(1.0, 1.0, seed=cfg.seed, **kw)
+    if name == "digits":
+        return datasets.digits(seed=cfg.seed, **kw)
+    raise ValueError(f"dataset must be 'synthetic' or 'digits', got {name!r}")
 
 
 def make_algorithm(cfg: DemoConfig, data) -> FedOpt:
@@ -112,7 +118,7 @@ def _fmt_eta(x: float) -> str:
 
 def lr_experiment(cfg: DemoConfig, progress: Callable | None = None) -> dict:
     """Fixed rates of ``cfg.lr_grid`` vs the FAD-learned rate from best/10 and best*10."""
-    data = load_data(cfg)
+    data = load_data(cfg, "synthetic")
     _, test = split_server_data(data, cfg.validation_fraction, cfg.seed)
     alg = make_algorithm(cfg, data)
     runs: list[RunResult] = []
@@ -151,19 +157,16 @@ def _default_target(best: RunResult) -> float:
 
 # --------------------------------------------------------------------------- experiment 2
 
-def weights_experiment(cfg: DemoConfig, eta: float | None = None,
-                       progress: Callable | None = None) -> dict:
+def weights_experiment(cfg: DemoConfig, progress: Callable | None = None) -> dict:
     """Uniform vs FAD-learned client weights with ``cfg.noisy_fraction`` of the clients'
-    labels replaced by noise; the server rate is ``cfg.weights_eta``, else ``eta`` (the demo
-    passes the best fixed rate of :func:`lr_experiment`), else 1 (plain FedAvg)."""
-    clean_data = load_data(cfg)
+    labels replaced by noise, at the server rate ``cfg.weights_eta``."""
+    clean_data = load_data(cfg, "digits")
     data = clean_data.corrupt_labels(cfg.noisy_fraction, seed=cfg.seed + 1)
     noisy = np.zeros(data.num_clients, dtype=bool)
     noisy[data.meta["noisy_clients"]] = True
     validation, test = split_server_data(data, cfg.validation_fraction, cfg.seed)
     alg = make_algorithm(cfg, data)
-    eta = float(cfg.weights_eta if cfg.weights_eta is not None else eta if eta is not None
-                else 1.0)
+    eta = float(cfg.weights_eta)
     runs: list[RunResult] = []
 
     def run(label, kind, d, weights=None):
@@ -257,51 +260,48 @@ def results_json(results: dict, cfg: DemoConfig) -> dict:
 
 
 def plot_results(results: dict, cfg: DemoConfig, path) -> None:
-    """A PNG of the curves (needs matplotlib; raises ImportError without it)."""
+    """A PNG of the curves (needs matplotlib; raises ImportError without it): per experiment,
+    test accuracy per round, and the learned learning rates / the learned client weights."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (2 if "lr" in results else 0) + (2 if "weights" in results else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
-    axes = list(axes[0])
-    if "lr" in results:
-        res = results["lr"]
-        ax_acc, ax_eta = axes.pop(0), axes.pop(0)
-        for r in res["runs"]:
-            style = "-" if r.info["kind"] == "learned" else ":"
-            lw = 2.0 if r.info["kind"] == "learned" else 1.2
-            ax_acc.plot(r.history["round"], r.history["test_acc"], style, lw=lw, label=r.label)
-            if r.info["kind"] == "learned":
-                ax_eta.plot(range(1, len(r.history["eta"]) + 1), r.history["eta"], lw=2,
-                            label=r.label)
-        for eta in cfg.lr_grid:
-            ax_eta.axhline(eta, color="0.8", lw=0.8, zorder=0)
-        ax_eta.axhline(res["best_fixed_eta"], color="k", ls="--", lw=1,
-                       label=f"best fixed eta = {res['best_fixed_eta']:g}")
-        ax_acc.axhline(res["target"], color="0.5", lw=0.8)
-        ax_acc.set(title=f"{res['dataset']}: fixed vs learned server LR", xlabel="round",
-                   ylabel="test accuracy")
-        ax_eta.set(title="learned server learning rate", xlabel="round", ylabel="eta",
-                   yscale="log")
+    rows = [name for name in ("lr", "weights") if name in results]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.0 * len(rows)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (ax_acc, ax_right), name in zip(axes, rows):
+        res = results[name]
+        for k, r in enumerate(res["runs"]):
+            learned = r.info["kind"] == "learned"
+            ax_acc.plot(r.history["round"], r.history["test_acc"], "-" if learned else "--",
+                        lw=2.0 if learned else 1.2, color=colors[k % len(colors)], label=r.label)
+            if name == "lr" and learned:
+                ax_right.plot(range(1, len(r.history["eta"]) + 1), r.history["eta"], lw=2,
+                              color=colors[k % len(colors)], label=r.label)
+        ax_acc.set(xlabel="round", ylabel="test accuracy")
         ax_acc.legend(fontsize=7)
-        ax_eta.legend(fontsize=7)
-    if "weights" in results:
-        res = results["weights"]
-        ax_acc, ax_w = axes.pop(0), axes.pop(0)
-        for r in res["runs"]:
-            ax_acc.plot(r.history["round"], r.history["test_acc"], lw=1.5, label=r.label)
-        ax_acc.set(title=f"{res['dataset']}: {len(res['noisy_clients'])} noisy clients",
-                   xlabel="round", ylabel="test accuracy")
-        ax_acc.legend(fontsize=7)
-        learned = next(r for r in res["runs"] if r.info["kind"] == "learned")
-        w = learned.client_weights
-        noisy = set(res["noisy_clients"])
-        colors = ["tab:red" if i in noisy else "tab:blue" for i in range(len(w))]
-        ax_w.bar(range(len(w)), w, color=colors)
-        ax_w.axhline(1.0, color="k", lw=0.8)
-        ax_w.set(title="learned client weights (red: noisy)", xlabel="client",
-                 ylabel="weight (mean 1)", yscale="log")
+        if name == "lr":
+            for eta in cfg.lr_grid:
+                ax_right.axhline(eta, color="0.85", lw=0.8, zorder=0)
+            ax_right.axhline(res["best_fixed_eta"], color="k", ls="--", lw=1,
+                             label=f"best fixed eta = {res['best_fixed_eta']:g}")
+            ax_acc.axhline(res["target"], color="0.6", lw=0.8)
+            ax_acc.set_title(f"{res['dataset']}: fixed vs FAD-learned server learning rate",
+                             fontsize=10)
+            ax_right.set(xlabel="round", ylabel="server learning rate", yscale="log")
+            ax_right.set_title("learned rate (grey: the fixed grid)", fontsize=10)
+            ax_right.legend(fontsize=7)
+        else:
+            learned = next(r for r in res["runs"] if r.info["kind"] == "learned")
+            w = learned.client_weights
+            noisy = set(res["noisy_clients"])
+            ax_right.bar(range(len(w)), w,
+                         color=["tab:red" if i in noisy else "tab:blue" for i in range(len(w))])
+            ax_right.axhline(1.0, color="k", lw=0.8)
+            ax_acc.set_title(f"{res['dataset']}: {len(noisy)} of {len(w)} clients with noisy "
+                             "labels", fontsize=10)
+            ax_right.set(xlabel="client", ylabel="final weight (mean 1)", yscale="log")
+            ax_right.set_title("FAD-learned client weights (red: noisy labels)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
