@@ -802,8 +802,15 @@ def execute(graph: Graph, inputs: Inputs) -> list:
     ws = np.empty((nchunks, wsrow), dtype=np.float64)
     acc = np.zeros((nchunks, prog.acc_size), dtype=np.float64)
     err = np.zeros((nchunks + 1, 5), dtype=np.int64)
-    ok = K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows, n,
-                       nchunks, ws.ctypes.data, 8 * wsrow, acc, err, _kernels())
+    work = sum(int(np.sum(rows[:n] ** kk)) * st if kk else n * st
+               for _, _, st, kk in prog.persistent) + n * len(prog.sources) * 64 + sum(
+        int(np.sum(rows[:n] ** g.inputs[k].type.tensor.ragged)) * _static(
+            g.inputs[k].type.shape)[0] for _, _, k in prog.client_inputs)
+    if n <= 1 or work < PARALLEL_MIN_WORK or nchunks == 1:
+        ok = _run_serial(prog, loc, ctab, rows, n, ws, wsrow, acc, err)
+    else:
+        ok = K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows, n,
+                           nchunks, ws.ctypes.data, 8 * wsrow, acc, err, _kernels())
     del keep
     if not ok:
         _raise(prog, err, g)
@@ -844,6 +851,28 @@ def _output(prog, how, ref, t, inputs, n, rows, arena, pers, pers_off):
     if t.placement is CLIENTS:
         return ClientValues([val] * n, all_equal=True)
     return val
+
+
+#: below this much client work (floats touched, roughly) the clients run on the calling
+#: thread: a parallel region costs more than it saves, and far more on a loaded machine
+PARALLEL_MIN_WORK = 4_000_000
+
+
+def _run_serial(prog, loc, ctab, rows, n, ws, wsrow, acc, err) -> bool:
+    """All stages on the calling thread: the same interpreter, one chunk of clients."""
+    fns = _kernels()
+    nchunks = ws.shape[0]
+    for s0, s1, c0, c1 in prog.stages.tolist():
+        if K.run_part(prog.tape, s0, s1, prog.ip, prog.kind, loc, ctab, rows, -1, 0, n,
+                      nchunks, ws.ctypes.data, 8 * wsrow, acc, 0, err[-1], fns) != K.E_OK:
+            return False
+        if c1 > c0:
+            for c in range(nchunks):
+                if K.run_part(prog.tape, c0, c1, prog.ip, prog.kind, loc, ctab, rows,
+                              (c * n) // nchunks, ((c + 1) * n) // nchunks, n, nchunks,
+                              ws.ctypes.data, 8 * wsrow, acc, c, err[c], fns) != K.E_OK:
+                    return False
+    return True
 
 
 _KERNELS: list = []
