@@ -503,8 +503,9 @@ def test_second_process_reuses_the_cache(rng, tmp_path):
         X = fad.clients([np.ones((2, 3)), np.ones((1, 3))])
         y = fad.clients([np.ones(2), np.ones(1)])
         fad.trace(fed_mse).run(np.ones(3), X, y, backend="numba")
-        s = K.run_program.stats
-        print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))
+        fs = (K.run_part, K.run_program)
+        print(sum(sum(f.stats.cache_hits.values()) for f in fs),
+              sum(sum(f.stats.cache_misses.values()) for f in fs))
     """)
     env = dict(os.environ)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
