@@ -232,9 +232,9 @@ def remat(g: Graph) -> Graph:
             e = producer[a]
             if e.prim is ops.broadcast_p:
                 src = e.inputs[0]
-                late = emit(ops.after_p, (src, token[r]), ops.atom_type(src)
-                            if isinstance(src, Literal) else src.type, {}, e.source) \
-                    if isinstance(src, Var) else src
+                # pinned to round r even when it is a literal: an unpinned re-broadcast is the
+                # original one, which CSE would merge back (client state again)
+                late = emit(ops.after_p, (src, token[r]), ops.atom_type(src), {}, e.source)
                 out = emit(ops.broadcast_p, (late,), e.out.type, e.params, e.source)
             elif e.prim is ops.after_p:
                 out = clone(e.inputs[0], r)
