@@ -64,7 +64,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
-        return cls(**{"rounds": 40, **kw})
+        return cls(**{"rounds": 60, **kw})
 
     @classmethod
     def smoke(cls, **kw) -> "DemoConfig":
