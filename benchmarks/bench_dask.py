@@ -58,32 +58,43 @@ def _task_bytes(dask_scheduler, keys):
     return out
 
 
+def _transfers_so_far(dask_worker):
+    return dask_worker.state.transfer_incoming_count_total
+
+
 def _incoming(dask_worker, since):
-    """Worker-to-worker transfers this worker received since ``since`` (its clock)."""
-    return [(e["total"], list(e["keys"])) for e in dask_worker.transfer_incoming_log
-            if e["start"] >= since]
+    """Per-key bytes of the worker-to-worker transfers this worker received since its
+    ``transfer_incoming_count_total`` was ``since``."""
+    new = dask_worker.state.transfer_incoming_count_total - since.get(dask_worker.address, 0)
+    log = list(dask_worker.transfer_incoming_log)
+    return [dict(e["keys"]) for e in (log[-new:] if new > 0 else [])]
 
 
 class ByteMeter:
-    """An ``on_round`` hook recording what dask moved in each round."""
+    """An ``on_round`` hook recording what dask moved in each round (call ``start`` first:
+    worker transfer counters are read between rounds, never while one runs)."""
 
     def __init__(self):
         self.rounds = []
-        self._t0 = None
+        self._since = {}
+
+    def start(self, client):
+        self._since = client.run(_transfers_so_far)
+        return self
 
     def __call__(self, info):
-        c = info["client"]
-        if info["phase"] == "submitted":
-            self._t0 = time.time() - 1.0     # worker clocks: same host; a second of slack
+        if info["phase"] != "done":
             return
+        c = info["client"]
         bkey = [info["broadcast"].key] if info["broadcast"] is not None else []
         pkeys = [f.key for f in info["partials"]]
         tb = c.run_on_scheduler(_task_bytes, keys=bkey + pkeys)
-        transfers = [t for per in c.run(_incoming, since=self._t0).values() for t in per]
+        moved = [kb for per in c.run(_incoming, since=self._since).values() for kb in per]
+        self._since = c.run(_transfers_so_far)
+        w2w_bcast = sum(nb or 0 for kb in moved for k, nb in kb.items() if k in bkey)
+        w2w_other = sum(nb or 0 for kb in moved for k, nb in kb.items() if k not in bkey)
         down = sum(tb[k][0] for k in bkey)                         # spec -> first worker
-        w2w_bcast = sum(tot for tot, keys in transfers if set(keys) & set(bkey))
-        w2w_other = sum(tot for tot, keys in transfers if not set(keys) & set(bkey))
-        up = sum(tb[k][0] for k in pkeys)                         # partials -> driver
+        up = sum(tb[k][0] for k in pkeys)                          # partials -> driver
         self.rounds.append(dict(round=info["round"], chunks=len(info["chunks"]),
                                 down=down + w2w_bcast, up=up, w2w_other=w2w_other,
                                 bcast_copies=sum(tb[k][1] for k in bkey)))
@@ -140,6 +151,12 @@ def main(argv=None):
     print(f"dask: {len(client.nthreads())} workers, {nthreads} threads; numba backend "
           f"{'available' if have_numba else 'NOT available (tasks use the reference evaluator)'}")
     grad = fad.grad(fed_mse)
+    # warm up: numba compiled (or loaded from its cache) here and on every worker
+    w, X, y, _ = make_data(50, args.rows, args.dim, seed=1)
+    g = grad.graph(w, X, y)
+    if have_numba:
+        fad.run(g, w, X, y, backend="numba")
+    fad.run(g, w, X, y, backend="dask", chunk_size=10, evaluator=args.evaluator)
     rows_table, bytes_table = [], []
     for n in args.clients:
         w, X, y, mean_rows = make_data(n, args.rows, args.dim, seed=n)
@@ -159,7 +176,7 @@ def main(argv=None):
         t_first = time.perf_counter() - t0
         shipped = data_bytes(client) - before
         t_dask, got = best(lambda: fad.run(g, w, X, y, **kw), args.repeat)
-        meter = ByteMeter()
+        meter = ByteMeter().start(client)
         fad.run(g, w, X, y, on_round=meter, **kw)
         if t_ref is not None:
             np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -34,6 +34,7 @@ import atexit
 import hashlib
 import threading
 import uuid
+import warnings
 from collections import OrderedDict
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
@@ -270,19 +271,24 @@ class ChunkData:
         return h.hexdigest()
 
 
-def pack(members: list, tensor) -> ChunkData:
-    """Pack the per-client arrays of one chunk (``tensor`` is the argument's member type)."""
+def pack(members: list, tensor, rows=None) -> ChunkData:
+    """Pack the per-client arrays of one chunk (``tensor`` is the argument's member type;
+    ``rows``, the chunk's row counts, saves reading them off the members)."""
     nones = [d for d, s in enumerate(tensor.shape) if s is None]
     if not nones:
         return ChunkData("stack", np.stack(members))
+    if rows is None:
+        rows = np.fromiter((m.shape[nones[0]] for m in members), np.int64, len(members))
+    rows = np.asarray(rows, dtype=np.int64)
+    offsets = np.zeros(len(members) + 1, dtype=np.int64)
     if nones == [0]:
-        rows = np.fromiter((m.shape[0] for m in members), np.int64, len(members))
-        return ChunkData("rows", np.concatenate(members, axis=0),
-                         np.concatenate([[0], np.cumsum(rows)]))
-    sizes = np.fromiter((m.size for m in members), np.int64, len(members))
-    return ChunkData("flat", np.concatenate([m.reshape(-1) for m in members]),
-                     np.concatenate([[0], np.cumsum(sizes)]),
-                     np.array([m.shape for m in members], dtype=np.int64))
+        np.cumsum(rows, out=offsets[1:])            # in rows of the concatenated array
+        return ChunkData("rows", np.concatenate(members, axis=0), offsets)
+    static = int(np.prod([s for s in tensor.shape if s is not None], dtype=np.int64))
+    np.cumsum(rows ** len(nones) * static, out=offsets[1:])
+    shapes = np.array([tensor.concrete_shape(int(r)) for r in rows], dtype=np.int64)
+    return ChunkData("flat", np.concatenate([m.reshape(-1) for m in members]), offsets,
+                     shapes.reshape(len(members), tensor.ndim))
 
 
 class Payload:
@@ -320,14 +326,16 @@ class ChunkResult:
         return ChunkResult, (self.partials, self.kept)
 
 
+# dask's memory and transfer accounting: the array bytes these objects hold
+
 @_dask_sizeof.register(ChunkData)
 def _sizeof_chunk(x):
-    return x.nbytes + 200
+    return x.nbytes
 
 
 @_dask_sizeof.register(Payload)
 def _sizeof_payload(x):
-    return sum(np.asarray(v).nbytes for v in x.values) + 100
+    return sum(np.asarray(v).nbytes for v in x.values)
 
 
 @_dask_sizeof.register(ChunkResult)
@@ -336,7 +344,7 @@ def _sizeof_result(x):
     for ms in x.kept:
         # all-equal members (broadcast results) are one array referenced many times
         n += ms[0].nbytes if len({id(m) for m in ms[:2]}) == 1 else sum(m.nbytes for m in ms)
-    return n + 100
+    return n
 
 
 # --------------------------------------------------------------------------- worker side
@@ -483,33 +491,51 @@ class _LeafCache:
 _leaves = _LeafCache()
 
 
-def _leaf(client, value, key):
-    return client.submit(_identity, value, key=key, pure=False)
+def _leaf(client, value, key, worker=None):
+    """A future of ``value`` whose task spec holds it: if the worker holding it is lost,
+    dask recomputes it from the spec (scattered data would be gone)."""
+    with warnings.catch_warnings():
+        # data is embedded once, on purpose, not repeated: dask's large-graph hint is moot
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        warnings.filterwarnings("ignore", message="Large object")
+        return client.submit(_identity, value, key=key, pure=False,
+                             workers=None if worker is None else [worker],
+                             allow_other_workers=worker is not None)
 
 
-def _data_leaves(client, graph, inputs, data_inputs, chunks):
+def _homes(client, chunks) -> list:
+    """A worker per chunk, round-robin: a chunk's data leaves start on one worker, so its
+    tasks (which follow their data) find everything there."""
+    addrs = sorted(client.nthreads())
+    return [addrs[i % len(addrs)] if addrs else None for i in range(len(chunks))]
+
+
+def _data_leaves(client, graph, inputs, data_inputs, chunks, homes):
     """Per data input, per chunk: a future of its packed members (reused across calls)."""
     out = {}
     for k in data_inputs:
         tensor = graph.inputs[k].type.tensor
         futs = []
-        for lo, hi in chunks:
-            cd = pack(inputs.values[k][lo:hi], tensor)
+        for (lo, hi), home in zip(chunks, homes):
+            rows = None if inputs.rows is None else inputs.rows[lo:hi]
+            cd = pack(inputs.values[k][lo:hi], tensor, rows)
             key = f"fad-data-{cd.digest()}"
-            futs.append(_leaves.get(client, key, lambda cd=cd, key=key: _leaf(client, cd, key),
+            futs.append(_leaves.get(client, key,
+                                    lambda cd=cd, key=key, home=home: _leaf(client, cd, key, home),
                                     cd.nbytes))
         out[k] = futs
     return out
 
 
-def _rows_leaves(client, rows, chunks):
+def _rows_leaves(client, rows, chunks, homes):
     if rows is None:
         return [None] * len(chunks)
     out = []
-    for lo, hi in chunks:
+    for (lo, hi), home in zip(chunks, homes):
         r = np.ascontiguousarray(rows[lo:hi])
         key = f"fad-rows-{hashlib.blake2b(r.data, digest_size=16).hexdigest()}"
-        out.append(_leaves.get(client, key, lambda r=r, key=key: _leaf(client, r, key),
+        out.append(_leaves.get(client, key,
+                               lambda r=r, key=key, home=home: _leaf(client, r, key, home),
                                r.nbytes))
     return out
 
@@ -605,8 +631,10 @@ class _Run:
         if p.rounds:
             self.client = client if client is not None else default_client()
             self.chunks = _chunks(self.n, chunk_size, self.client)
-            self.data = _data_leaves(self.client, graph, inputs, p.data_inputs, self.chunks)
-            self.rows = _rows_leaves(self.client, inputs.rows, self.chunks)
+            homes = _homes(self.client, self.chunks)
+            self.data = _data_leaves(self.client, graph, inputs, p.data_inputs, self.chunks,
+                                     homes)
+            self.rows = _rows_leaves(self.client, inputs.rows, self.chunks, homes)
             self.call = uuid.uuid4().hex[:12]
 
     def submit(self, fn, *args, key):
