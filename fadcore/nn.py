@@ -35,6 +35,10 @@ def global_norm(tree):
 def clip_by_norm(x, c):
     """``x * min(1, c / ||x||)`` with the global norm over all leaves of a pytree ``x``."""
     leaves, tree = pytree.flatten(x)
-    norm = global_norm(x)
-    scale = fnp.minimum(np.float64(1.0), c / norm)
+    total = fnp.sum(fnp.square(leaves[0]))
+    for leaf in leaves[1:]:
+        total = total + fnp.sum(fnp.square(leaf))
+    # min(1, c / ||x||) = c / max(||x||, c), with the max taken on squares: sqrt and the
+    # division stay away from 0, so the derivative at x = 0 is the identity (not NaN)
+    scale = c / fnp.sqrt(fnp.maximum(total, c * c))
     return pytree.unflatten(tree, [leaf * scale for leaf in leaves])
