@@ -363,10 +363,6 @@ UNARY = [  # name, template, kinks
     ("shift", "{0} + 1.0", ()),
     ("rsub", "2.0 - {0}", ()),
     ("rdiv", "1.0 / (fnp.softplus({0}) + 1.0)", ()),
-    ("abs", "fnp.abs({0})", ("{0}",)),
-    ("relu", "fnp.relu({0})", ("{0}",)),
-    ("sign", "fnp.sign({0})", ("{0}",)),
-    ("clip", "fnp.clip({0}, -1.0, 1.0)", ("{0} + 1.0", "{0} - 1.0")),
 ]
 
 BINARY = [
@@ -376,8 +372,16 @@ BINARY = [
     ("div", "{0} / (fnp.softplus({1}) + 1.0)", ()),
     ("logaddexp", "fnp.logaddexp({0}, {1})", ()),
     ("pow", "fnp.power(fnp.softplus({0}) + 0.5, fnp.tanh({1}))", ()),
-    ("maximum", "fnp.maximum({0}, {1})", ("{0} - {1}",)),
-    ("minimum", "fnp.minimum({0}, {1})", ("{0} - {1}",)),
+]
+
+#: Ops with kinks (non-differentiable points): left out of ``smooth=True`` programs.
+KINKED = [  # name, template, kinks, arity
+    ("abs", "fnp.abs({0})", ("{0}",), 1),
+    ("relu", "fnp.relu({0})", ("{0}",), 1),
+    ("sign", "fnp.sign({0})", ("{0}",), 1),
+    ("clip", "fnp.clip({0}, -1.0, 1.0)", ("{0} + 1.0", "{0} - 1.0"), 1),
+    ("maximum", "fnp.maximum({0}, {1})", ("{0} - {1}",), 2),
+    ("minimum", "fnp.minimum({0}, {1})", ("{0} - {1}",), 2),
 ]
 
 
@@ -389,8 +393,7 @@ def gen_unary(g: _Gen) -> bool:
     cs = g.cands()
     if not cs:
         return False
-    table = [u for u in UNARY if not (g.o["smooth"] and u[2])]
-    name, tpl, kinks = g.choice(table)
+    name, tpl, kinks = g.choice(UNARY)
     x = g.pick(cs)
     g.emit(name, tpl.format(x.ref), [x], x.shape, kinks=_zero_kinks(kinks, x.ref))
     return True
@@ -403,13 +406,27 @@ def gen_binary(g: _Gen) -> bool:
     a = g.pick(cs)
     bs = g.cands(lambda v: v.placement == a.placement and _bshape(a.shape, v.shape) is not None
                  and g.small(_bshape(a.shape, v.shape)))
-    table = [b for b in BINARY if not (g.o["smooth"] and b[2])]
-    name, tpl, kinks = g.choice(table)
+    name, tpl, kinks = g.choice(BINARY)
     b = g.pick(bs)
-    if kinks and b is a:            # max(x, x) is a tie everywhere
-        name, tpl, kinks = BINARY[0]
     g.emit(name, tpl.format(a.ref, b.ref), [a, b], _bshape(a.shape, b.shape),
            kinks=_zero_kinks(kinks, a.ref, b.ref))
+    return True
+
+
+def gen_kinked(g: _Gen) -> bool:
+    """abs, relu, sign, clip, maximum, minimum: draws near their kinks are rejected."""
+    cs = g.cands()
+    if not cs:
+        return False
+    name, tpl, kinks, arity = g.choice(KINKED)
+    a = g.pick(cs)
+    ops = [a]
+    if arity == 2:          # a distinct second operand: max(x, x) is a tie everywhere
+        ops.append(g.pick(g.cands(lambda v: v is not a and v.placement == a.placement
+                                  and _bshape(a.shape, v.shape) is not None)))
+    refs = [v.ref for v in ops]
+    g.emit(name, tpl.format(*refs), ops, _bshape(*[v.shape for v in ops]),
+           kinks=_zero_kinks(kinks, *refs))
     return True
 
 
@@ -857,11 +874,12 @@ def gen_user(op: Op):
 GENERATORS: dict[str, tuple[int, Callable]] = {
     "unary": (5, gen_unary),
     "binary": (5, gen_binary),
+    "kinked": (3, gen_kinked),
     "reduce": (3, gen_reduce),
     "matmul": (3, gen_matmul),
     "broadcast": (3, gen_broadcast),
     "aggregate": (3, gen_aggregate),
-    "round": (3, gen_round),
+    "round": (4, gen_round),
     "softmax": (1, gen_softmax),
     "outer": (1, gen_outer),
     "reshape": (2, gen_reshape),
@@ -1031,7 +1049,7 @@ def programs(draw, *, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
 
     table = []
     for name, (weight, gen) in GENERATORS.items():
-        if ops is None or name in ops:
+        if (ops is None or name in ops) and not (smooth and name == "kinked"):
             table += [gen] * weight
     env: dict = {}
     for op in extra_ops:
