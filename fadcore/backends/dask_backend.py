@@ -14,12 +14,15 @@ Data placement and faults. Every value a task reads is a dask future with lineag
 lost mid-run is survived by recomputation and the result is bit-identical:
 
 - client data is packed per (argument, chunk) and submitted once as a tiny identity task whose
-  spec holds the packed array (the scheduler keeps that copy); the key is the content digest, so
-  a later call on the same data reuses the worker copy (an LRU of such futures is kept per
-  ``distributed.Client``);
+  spec holds the packed array (the scheduler keeps that copy), placed round-robin so that a
+  chunk's data and hence its tasks share a worker; the key is the content digest, so a later
+  call on the same data reuses the worker copy (an LRU of such futures is kept per
+  ``distributed.Client``, :data:`CACHE_BYTES`);
 - the broadcast operands of a round are one more such leaf;
 - client state (values one round makes and a later one uses, :meth:`Rounds.client_state`)
-  stays on the workers as the producing tasks' futures; remat graphs have none.
+  stays on the workers as the producing tasks' futures; remat graphs have none. Resident
+  values (computed from a client's own data alone, e.g. row counts) are not state: a round
+  that needs them recomputes them.
 
 A chunk whose inputs can no longer be recomputed (futures cancelled, a task that keeps killing
 workers) is reported as a :class:`~fadcore.FadError` naming the round, never a wrong answer.
@@ -404,8 +407,8 @@ def _identity(x):
     return x
 
 
-def _partials(res: ChunkResult):
-    return res.partials
+def _partials(res: ChunkResult) -> Payload:
+    return Payload(res.partials)
 
 
 def _kept(res: ChunkResult, j: int):
@@ -613,7 +616,10 @@ def execute(graph: Graph, inputs: Inputs, client=None, chunk_size: int | None = 
     return run.outputs()
 
 
-_LOST = (CancelledError, distributed.scheduler.KilledWorker, TimeoutError)
+#: What a lost chunk looks like: cancelled or lost futures, a task that killed its workers
+#: ``allowed-failures`` times, a round over its ``timeout``, a dropped scheduler connection.
+_LOST = (CancelledError, distributed.scheduler.KilledWorker, TimeoutError,
+         distributed.comm.CommClosedError)
 
 
 class _Run:
@@ -677,7 +683,7 @@ class _Run:
             self.kept[rp.index] = futs
             pfuts = [self.submit(_partials, f, key=f"fad-p{rp.index}-c{ci}")
                      for ci, f in enumerate(futs)]
-            parts = self.gather(rp, pfuts)
+            parts = [p.values for p in self.gather(rp, pfuts)]
         else:
             pfuts = futs
             parts = [r.partials for r in self.gather(rp, futs)]
