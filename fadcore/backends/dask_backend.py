@@ -448,6 +448,8 @@ def shutdown(_locked: bool = False) -> None:
         with _DEFAULT_LOCK:
             return shutdown(_locked=True)
     c, cluster = _DEFAULT.pop("client", None), _DEFAULT.pop("cluster", None)
+    if c is not None:
+        _leaves.forget(c)
     for x in (c, cluster):
         if x is not None:
             try:
@@ -486,9 +488,11 @@ class _LeafCache:
                 total -= n
         return fut
 
-    def clear(self):
+    def forget(self, client):
         with self.lock:
-            self.by_client.clear()
+            entry = self.by_client.get(id(client))
+            if entry is not None and entry[0] is client:
+                del self.by_client[id(client)]
 
 
 _leaves = _LeafCache()
