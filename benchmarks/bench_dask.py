@@ -26,6 +26,7 @@ import numpy as np
 import fadcore as fad
 from fadcore.backends import available
 from fadcore.backends import dask_backend as db
+from fadcore.backends.inputs import prepare_inputs
 from fadcore.examples import fed_mse
 
 
@@ -161,6 +162,7 @@ def main(argv=None):
     for n in args.clients:
         w, X, y, mean_rows = make_data(n, args.rows, args.dim, seed=n)
         g = grad.graph(w, X, y)
+        t_chk, _ = best(lambda: prepare_inputs(g, [w, X, y]), args.repeat)
         t_ref = None
         if n <= args.reference_max:
             t_ref, want = best(lambda: fad.run(g, w, X, y, backend="reference"), 1)
@@ -182,23 +184,24 @@ def main(argv=None):
             np.testing.assert_allclose(got, want, rtol=1e-10)
         if t_nb is not None:
             np.testing.assert_allclose(got, got_nb, rtol=1e-10)
-        rows_table.append((n, t_ref, t_nb, t_first, t_dask))
+        rows_table.append((n, t_chk, t_ref, t_nb, t_first, t_dask))
         cost = fad.cost(g, clients=n, rows=int(round(mean_rows)))
         for m, (r, down, up, _state) in zip(meter.rounds, cost.per_round):
             bytes_table.append((n, r, m, down * n, up * n, shipped))
     # ---- times
     print(f"\nreverse-mode grad of fed_mse (2 rounds), rows~{args.rows}, dim={args.dim}: "
           "seconds per call (best of {args.repeat})".replace("{args.repeat}", str(args.repeat)))
-    print(f"{'clients':>9} {'reference':>10} {'numba':>8} {'dask first':>11} {'dask':>8} "
-          f"{'dask/numba':>11} {'ref/dask':>9}")
-    for n, t_ref, t_nb, t_first, t_dask in rows_table:
+    print(f"{'clients':>9} {'checks':>8} {'reference':>10} {'numba':>8} {'dask first':>11} "
+          f"{'dask':>8} {'dask/numba':>11} {'ref/dask':>9}")
+    for n, t_chk, t_ref, t_nb, t_first, t_dask in rows_table:
         r1 = f"{t_dask / t_nb:10.1f}x" if t_nb else "        n/a"
         r2 = f"{t_ref / t_dask:8.1f}x" if t_ref else "      n/a"
-        print(f"{n:>9,} {fmt_s(t_ref):>10} {fmt_s(t_nb):>8} {fmt_s(t_first):>11} "
-              f"{fmt_s(t_dask):>8} {r1} {r2}")
+        print(f"{n:>9,} {fmt_s(t_chk):>8} {fmt_s(t_ref):>10} {fmt_s(t_nb):>8} "
+              f"{fmt_s(t_first):>11} {fmt_s(t_dask):>8} {r1} {r2}")
+    print("(checks: backends/inputs.py's argument checks, included in every backend's time)")
     ns = [r[0] for r in rows_table]
-    cx_nb = crossover(ns, [r[2] for r in rows_table], [r[4] for r in rows_table])
-    cx_ref = crossover(ns, [r[1] for r in rows_table], [r[4] for r in rows_table])
+    cx_nb = crossover(ns, [r[3] for r in rows_table], [r[5] for r in rows_table])
+    cx_ref = crossover(ns, [r[2] for r in rows_table], [r[5] for r in rows_table])
     print("crossover (straight-line fit of time vs clients):")
     print("  dask beats numba:     " + ("never on this machine (dask's per-client cost is not "
                                          "below numba's)" if cx_nb is None else
