@@ -75,7 +75,13 @@ def _demo_config(args):
         kw["lr_grid"] = tuple(float(x) for x in args.lr_grid.split(","))
     bad = set(kw["experiments"]) - {"lr", "weights"}
     if bad or not kw["experiments"]:
-        raise SystemExit(f"fad demo: --experiments takes lr and/or weights, got {args.experiments!r}")
+        raise SystemExit("fad demo: --experiments takes lr and/or weights, got "
+                         f"{args.experiments!r}")
+    if kw.get("rounds", 1) < 1:
+        raise SystemExit("fad demo: --rounds must be at least 1")
+    if kw.get("clients_per_round", 2) < 2:
+        raise SystemExit("fad demo: --clients-per-round must be at least 2 (a cohort of clients "
+                         "with different row counts keeps one ragged graph for every round)")
     if args.smoke:
         return DemoConfig.smoke(**kw)
     return DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
@@ -83,6 +89,22 @@ def _demo_config(args):
 
 def _demo(args) -> int:
     """Run the learned-LR and learned-client-weights experiments; tables, JSON and plot."""
+    import fadcore as fad
+
+    cfg = _demo_config(args)
+    previous_backend = fad.default_backend()
+    try:
+        if args.backend:
+            fad.set_default_backend(args.backend)
+    except fad.FadError as e:
+        raise SystemExit(f"fad demo: {e}") from None
+    try:
+        return _run_demo(cfg, args)
+    finally:
+        fad.set_default_backend(previous_backend)
+
+
+def _run_demo(cfg, args) -> int:
     import json
     import os
     import time
@@ -90,19 +112,20 @@ def _demo(args) -> int:
     import fadcore as fad
     from fadcore.algorithms import experiments as ex
 
-    cfg = _demo_config(args)
-    if args.backend:
-        fad.set_default_backend(args.backend)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     bar = _ProgressBar(ex.total_rounds(cfg))
     results = {}
     print(f"fad demo: {cfg.model}, {cfg.rounds} rounds, {cfg.clients_per_round} clients/round, "
           f"seed {cfg.seed}, backend {fad.default_backend()}", file=sys.stderr)
-    if "lr" in cfg.experiments:
-        results["lr"] = ex.lr_experiment(cfg, lambda lab, r: bar(lab, r, cfg.rounds))
-    if "weights" in cfg.experiments:
-        results["weights"] = ex.weights_experiment(cfg, lambda lab, r: bar(lab, r, cfg.rounds))
+    try:
+        if "lr" in cfg.experiments:
+            results["lr"] = ex.lr_experiment(cfg, lambda lab, r: bar(lab, r, cfg.rounds))
+        if "weights" in cfg.experiments:
+            results["weights"] = ex.weights_experiment(cfg,
+                                                       lambda lab, r: bar(lab, r, cfg.rounds))
+    except ValueError as e:             # e.g. more clients per round than the data set has
+        raise SystemExit(f"fad demo: {e}") from None
     seconds = time.perf_counter() - t0
     print(ex.results_tables(results, cfg))
     doc = ex.results_json(results, cfg)

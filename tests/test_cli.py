@@ -111,3 +111,16 @@ def test_demo_help_explains_options(capsys):
 def test_demo_rejects_unknown_experiment(tmp_path):
     with pytest.raises(SystemExit, match="--experiments"):
         cli.main(["demo", "--smoke", "--experiments", "lr,sideways", "--out", str(tmp_path)])
+
+
+def test_demo_backend_option_is_used_and_restored(tmp_path, capsys):
+    import fadcore as fad
+    before = fad.default_backend()
+    assert cli.main(["demo", "--smoke", "--experiments", "lr", "--rounds", "1",
+                     "--backend", "reference", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "fad-demo.json").read_text())["backend"] == "reference"
+    assert fad.default_backend() == before
+    with pytest.raises(SystemExit, match="unknown backend"):
+        cli.main(["demo", "--smoke", "--backend", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="at least 2"):
+        cli.main(["demo", "--smoke", "--clients-per-round", "1", "--out", str(tmp_path)])

@@ -32,7 +32,7 @@ from .optimizers import server_optimizer
 from .training import RunResult, split_server_data, train
 
 __all__ = ["DemoConfig", "load_data", "make_algorithm", "lr_experiment", "weights_experiment",
-           "results_tables", "plot_results", "total_rounds"]
+           "results_tables", "results_json", "plot_results", "total_rounds"]
 
 
 @dataclass
@@ -183,7 +183,7 @@ def weights_experiment(cfg: DemoConfig, progress: Callable | None = None) -> dic
         else:
             w = (~noisy) / np.mean(~noisy)
         res.info.update(mean_weight_noisy=float(w[noisy].mean()) if noisy.any() else None,
-                        mean_weight_clean=float(w[~noisy].mean()))
+                        mean_weight_clean=float(w[~noisy].mean()) if (~noisy).any() else None)
         runs.append(res)
         return res
 
@@ -202,8 +202,10 @@ def weights_experiment(cfg: DemoConfig, progress: Callable | None = None) -> dic
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)          # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -221,7 +223,8 @@ def results_tables(results: dict, cfg: DemoConfig) -> str:
         for r in res["runs"]:
             rt = r.rounds_to(t)
             rows.append([r.label, _f(r.final("test_acc")), _f(r.final("test_loss")),
-                         str(rt) if rt is not None else "never", _f(r.history["eta"][-1], "{:.3g}")])
+                         str(rt) if rt is not None else "never",
+                         _f(r.history["eta"][-1], "{:.3g}")])
         out.append(f"Learned server learning rate: {res['dataset']}, {cfg.model}, {cfg.rounds} "
                    f"rounds, {cfg.clients_per_round} clients/round, {cfg.local_steps} local steps"
                    f" (client lr {cfg.client_lr:g}); best fixed eta = {res['best_fixed_eta']:g}")
@@ -265,6 +268,7 @@ def plot_results(results: dict, cfg: DemoConfig, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [name for name in ("lr", "weights") if name in results]
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 4.0 * len(rows)), squeeze=False)
@@ -301,6 +305,7 @@ def plot_results(results: dict, cfg: DemoConfig, path) -> None:
             ax_acc.set_title(f"{res['dataset']}: {len(noisy)} of {len(w)} clients with noisy "
                              "labels", fontsize=10)
             ax_right.set(xlabel="client", ylabel="final weight (mean 1)", yscale="log")
+            ax_right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax_right.set_title("FAD-learned client weights (red: noisy labels)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
