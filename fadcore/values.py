@@ -20,10 +20,11 @@ class ClientValues:
     every member has the same shape).
     """
 
-    __slots__ = ("members", "all_equal")
+    __slots__ = ("members", "all_equal", "_shapes", "_type")
 
     def __init__(self, members: Iterable, all_equal: bool = False):
         ms = [np.asarray(m) for m in members]
+        ms = [m if m.flags.c_contiguous else m.copy() for m in ms]
         if not ms:
             raise ShapeError("fad.clients: needs at least one client")
         dts = {m.dtype for m in ms}
@@ -36,6 +37,8 @@ class ClientValues:
             raise DTypeError(f"fad.clients: dtype {ms[0].dtype} is not supported")
         self.members = ms
         self.all_equal = all_equal
+        self._shapes = None
+        self._type = None
 
     # -- sequence protocol ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -70,13 +73,24 @@ class ClientValues:
         return self.members[0].dtype
 
     @property
+    def shapes(self) -> np.ndarray:
+        """The members' shapes, one row per client (computed once: shapes never change)."""
+        if self._shapes is None:
+            nd = self.members[0].ndim
+            self._shapes = (np.array([m.shape for m in self.members], dtype=np.int64)
+                            .reshape(len(self.members), nd))
+        return self._shapes
+
+    @property
     def type(self) -> FederatedType:
         """Federated type: dims on which the members differ are ragged (``?``)."""
-        first = self.members[0].shape
-        shape = tuple(
-            d if all(m.shape[i] == d for m in self.members) else None
-            for i, d in enumerate(first))
-        return FederatedType(TensorType(dtype_of(self.dtype), shape), CLIENTS, self.all_equal)
+        if self._type is None:
+            s = self.shapes
+            shape = tuple(int(s[0, i]) if (s[:, i] == s[0, i]).all() else None
+                          for i in range(s.shape[1]))
+            self._type = FederatedType(TensorType(dtype_of(self.dtype), shape), CLIENTS,
+                                       self.all_equal)
+        return self._type
 
     def __repr__(self) -> str:
         return f"fad.clients({len(self)} members, {self.type})"

@@ -170,8 +170,8 @@ def test_run_time_shape_errors(data):
         fad.run(g, np.zeros(4), backend="reference")
     f = fad.trace(lambda X, y: X[:, 0] - y)
     bad_y = fad.clients([np.ones(3), np.ones(4)])             # client 0 has 2 rows in X
-    with pytest.raises(fad.ShapeError, match=r"client 0 has 3 rows on axis 0 but 2 on an "
-                                             r"earlier ragged axis"):
+    with pytest.raises(fad.ShapeError, match=r"argument 1 .*client 0 has 3 rows but argument 0 "
+                                             r"gives it 2"):
         f.run(X, bad_y, backend="reference")
 
 
@@ -342,3 +342,13 @@ def test_unknown_primitive_in_a_hand_made_graph(data):
     bad = Eqn(fake, e.inputs, e.out, e.params, e.source)
     with pytest.raises(fad.VerificationError, match="unknown primitive 'fake_broadcast'"):
         g.replace(eqns=[bad] + g.eqns[1:]).verify()
+
+
+def test_num_clients_without_client_arguments_needs_a_count():
+    """A graph that counts clients but takes no client argument cannot guess the count."""
+    g = fad.trace(lambda w: fad.num_clients() * w).graph(np.ones(2))
+    for backend in ("reference", "numba"):
+        with pytest.raises(fad.CardinalityError, match="pass num_clients="):
+            fad.run(g, np.ones(2), backend=backend)
+        np.testing.assert_array_equal(fad.run(g, np.ones(2), backend=backend, num_clients=3),
+                                      [3.0, 3.0])

@@ -8,7 +8,7 @@ from .inputs import prepare_inputs
 
 __all__ = ["run", "run_flat", "BACKENDS", "default_backend", "set_default_backend"]
 
-_default = ["reference"]
+_default = ["numba"]
 
 
 def default_backend() -> str:

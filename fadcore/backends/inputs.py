@@ -25,8 +25,10 @@ class Inputs:
 
 
 def _uses_clients(graph: Graph) -> bool:
+    """Whether running the graph needs the number of clients (num_clients counts them too)."""
     return any(v.type.placement is CLIENTS for v in graph.inputs) or any(
-        e.out.type.placement is CLIENTS for e in graph.eqns)
+        e.out.type.placement is CLIENTS or (e.prim.kind == "federated" and e.prim.name != "after")
+        for e in graph.eqns)
 
 
 def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inputs:
@@ -62,27 +64,32 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
             n, n_from = len(x), f"argument {k}"
         elif len(x) != n:
             raise CardinalityError(f"{what}: has {len(x)} clients but {n_from} has {n}")
-        members = []
-        for i, m in enumerate(x.members):
-            if m.dtype != t.dtype.np:
-                raise DTypeError(f"{what}: client {i} has dtype {m.dtype}")
-            if m.ndim != len(t.shape):
-                raise ShapeError(f"{what}: client {i} has shape {m.shape}")
-            for d, (want, got) in enumerate(zip(t.shape, m.shape)):
-                if want is None:
-                    if rows is None:
-                        rows = np.full(n, -1, dtype=np.int64)
-                    if rows[i] < 0:
-                        rows[i] = got
-                        rows_from = rows_from or f"argument {k}"
-                    elif rows[i] != got:
-                        raise ShapeError(
-                            f"{what}: client {i} has {got} rows on axis {d} but {rows[i]} on an "
-                            f"earlier ragged axis; a client's ragged dimensions (?) are all its "
-                            "row count")
-                elif want != got:
-                    raise ShapeError(f"{what}: client {i} has shape {m.shape}")
-            members.append(m if m.flags.c_contiguous else m.copy())
+        if x.dtype != t.dtype.np:
+            raise DTypeError(f"{what}: got client values of dtype {x.dtype}")
+        shapes = x.shapes                      # [clients, ndim], checked without a Python loop
+        if shapes.shape[1] != len(t.shape):
+            raise ShapeError(f"{what}: client 0 has shape {tuple(x.members[0].shape)}")
+        ragged_axes = [d for d, want in enumerate(t.shape) if want is None]
+        for d, want in enumerate(t.shape):
+            if want is not None and (shapes[:, d] != want).any():
+                i = int(np.argmax(shapes[:, d] != want))
+                raise ShapeError(f"{what}: client {i} has shape {tuple(x.members[i].shape)}")
+        if ragged_axes:
+            got = shapes[:, ragged_axes[0]]
+            for d in ragged_axes[1:]:
+                if (shapes[:, d] != got).any():
+                    i = int(np.argmax(shapes[:, d] != got))
+                    raise ShapeError(
+                        f"{what}: client {i} has shape {tuple(x.members[i].shape)}; a client's "
+                        "ragged dimensions (?) are all its row count")
+            if rows is None:
+                rows, rows_from = got.copy(), f"argument {k}"
+            elif (rows != got).any():
+                i = int(np.argmax(rows != got))
+                raise ShapeError(
+                    f"{what}: client {i} has {int(got[i])} rows but {rows_from} gives it "
+                    f"{int(rows[i])}; a client's ragged dimensions (?) are all its row count")
+        members = x.members
         values.append(members)
     if n is None and _uses_clients(graph):
         raise CardinalityError(
@@ -90,6 +97,4 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
             "to fad.run")
     if n is not None and n < 1:
         raise CardinalityError("a federated computation needs at least one client")
-    if rows is not None and (rows < 0).any():
-        raise ShapeError("internal: a client's row count could not be determined")
     return Inputs(values, n, rows)
