@@ -124,3 +124,22 @@ def test_demo_backend_option_is_used_and_restored(tmp_path, capsys):
         cli.main(["demo", "--smoke", "--backend", "nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="at least 2"):
         cli.main(["demo", "--smoke", "--clients-per-round", "1", "--out", str(tmp_path)])
+
+
+def test_demo_without_scikit_learn_falls_back_to_synthetic(tmp_path, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kw):
+        if name.split(".")[0] == "sklearn":
+            raise ImportError("no scikit-learn here")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    assert cli.main(["demo", "--smoke", "--experiments", "weights", "--rounds", "2",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "scikit-learn is not installed" in out
+    assert "Learned client weights: synthetic(1,1)" in out
+    with pytest.raises(SystemExit, match="scikit-learn"):
+        cli.main(["demo", "--smoke", "--dataset", "digits", "--out", str(tmp_path)])
