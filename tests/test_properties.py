@@ -13,6 +13,10 @@ Sizes scale with the hypothesis profile of ``conftest.py`` (``ci``: 25 examples,
 from __future__ import annotations
 
 import collections
+import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -60,6 +64,16 @@ SECURE = fad.Policy(aggregation="secure_sum")
 
 
 # --------------------------------------------------------------------------- helpers
+
+@pytest.fixture(autouse=True, scope="module")
+def reference_backend():
+    """Properties evaluate with the reference evaluator, the oracle; the other backends are
+    compared with it in test_backends_agree_with_reference."""
+    before = fad.default_backend()
+    fad.set_default_backend("reference")
+    yield
+    fad.set_default_backend(before)
+
 
 def show(f, args) -> None:
     note(describe(f, args))
@@ -182,21 +196,18 @@ OTHER_BACKENDS = sorted(set(available()) - {"reference", "dask"})
 @prop("backends")
 @given(programs())
 def test_backends_agree_with_reference(prog):
+    """The primal and every derivative graph give the same values on every backend."""
     f, args = prog
     show(f, args)
-    note(f"backends: reference vs {OTHER_BACKENDS or 'the default call path only'}")
-    fl = float_argnums(args)
-    graphs = {"primal": f.graph(*args),
-              "reverse": fad.grad(f, argnums=fl).graph(*args),
-              "jvp": fad.jvp(f).graph(tuple(args), tangents_for(args, np.random.default_rng(1)))}
-    want = fad.run(graphs["primal"], *args, backend="reference")
-    assert_close(f(*args), want, 1e-12, "calling the traced function (default backend)")
-    for name in OTHER_BACKENDS:
-        for what, g in graphs.items():
-            run_args = args if what != "jvp" else (
-                tuple(args), tangents_for(args, np.random.default_rng(1)))
-            assert_close(fad.run(g, *run_args, backend=name),
-                         fad.run(g, *run_args, backend="reference"), 1e-12,
+    note(f"backends: reference vs {OTHER_BACKENDS or 'none other available'}")
+    graphs = {"primal": f.graph(*args), **derivative_graphs(f, args)}
+    tangents = tangents_for(args, np.random.default_rng(0))     # as derivative_graphs
+    inputs = {"jvp": (tuple(args), tangents), "vjp": (tuple(args), np.float64(1.0))}
+    for what, g in graphs.items():
+        run_args = inputs.get(what, args)
+        want = fad.run(g, *run_args, backend="reference")
+        for name in OTHER_BACKENDS:
+            assert_close(fad.run(g, *run_args, backend=name), want, 1e-12,
                          f"{what} graph on backend {name!r} vs reference")
 
 
@@ -360,12 +371,37 @@ def test_user_extension_ops(prog):
 
 
 def test_programs_rejects_unknown_options():
-    with pytest.raises(ValueError, match="aggregation"):
-        programs(aggregations=("median",)).example()
-    with pytest.raises(ValueError, match="op family"):
-        programs(ops=("fft",)).example()
+    with pytest.raises(ValueError, match="aggregation 'median'"):
+        programs(aggregations=("median",))
+    with pytest.raises(ValueError, match="op family 'fft'"):
+        programs(ops=("fft",))
+    with pytest.raises(ValueError, match="max_ops"):
+        programs(max_ops=0)
+    with pytest.raises(TypeError, match="Op"):
+        programs(extra_ops=["swish({0})"])
     with pytest.raises(ValueError, match="lacks"):
         Op("bad", "f({0})", arity=2)
+
+
+# --------------------------------------------------------------------------- the docs
+
+DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "testing.md"
+
+
+def test_docs_testing_examples_run():
+    """docs/testing.md: its ```python blocks run in order in a fresh interpreter (the page
+    registers a primitive, which must not leak into this process's registry), then every
+    test_* function they define."""
+    blocks = re.findall(r"^```python\n(.*?)^```", DOC.read_text(encoding="utf-8"), re.M | re.S)
+    assert len(blocks) >= 4
+    script = "\n".join(blocks) + (
+        "\nfor _name, _fn in list(globals().items()):\n"
+        "    if _name.startswith('test_') and callable(_fn):\n"
+        "        _fn()\n        print('ran', _name)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("ran test_") == 3, res.stdout
 
 
 # --------------------------------------------------------------------------- coverage

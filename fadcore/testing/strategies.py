@@ -942,13 +942,15 @@ def _draw_inputs(g: _Gen, draw, dims, rows):
 
 
 def _draw_output(g: _Gen) -> str:
-    """Reduce every unused float value to a scalar; aggregate the client ones; add them up."""
-    leaves = [v for v in g.vals if v.dtype == "f" and v.uses == 0]
-    if not leaves:
-        leaves = [next(v for v in reversed(g.vals) if v.dtype == "f")]
+    """Reduce every unused value to a float scalar; aggregate the client ones; add them up.
+
+    Integer and bool values count too (cast to float64): otherwise client data consumed only
+    by, e.g., an argmax would leave a program without any aggregation."""
+    leaves = [v for v in g.vals if v.uses == 0]
     terms = []
     for v in leaves:
-        inner = v.ref if v.shape == () else f"fnp.{g.choice(['sum', 'mean'])}({v.ref})"
+        ref = v.ref if v.dtype == "f" else f"fnp.astype({v.ref}, fnp.float64)"
+        inner = ref if v.shape == () else f"fnp.{g.choice(['sum', 'mean'])}({ref})"
         if v.placement == C:
             _, inner, _ = _aggregate_src(g, inner, [v])
         terms.append(inner)
@@ -1001,8 +1003,7 @@ def _check_types(recipe: Recipe, probe_graph, nk: int) -> None:
 
 # --------------------------------------------------------------------------- the strategy
 
-@st.composite
-def programs(draw, *, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
+def programs(*, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
              max_dim: int = 4, secure_only: bool = False, aggregations: Sequence[str] = None,
              smooth: bool = False, ops: Sequence[str] | None = None,
              extra_ops: Sequence[Op] = (), kink_margin_min: float = 1e-3,
@@ -1037,6 +1038,23 @@ def programs(draw, *, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
         for name in ops:
             if name not in GENERATORS:
                 raise ValueError(f"programs: unknown op family {name!r}; choose from {OP_NAMES}")
+    for name, v, lo in (("max_ops", max_ops, 1), ("max_clients", max_clients, 1),
+                        ("max_rows", max_rows, 1), ("max_dim", max_dim, 1)):
+        if not isinstance(v, int) or v < lo:
+            raise ValueError(f"programs: {name} must be an int >= {lo}, got {v!r}")
+    for op in extra_ops:
+        if not isinstance(op, Op):
+            raise TypeError(f"programs: extra_ops holds Op(...) values, got {op!r}")
+    return _programs(max_ops=max_ops, max_clients=max_clients, max_rows=max_rows,
+                     max_dim=max_dim, secure_only=secure_only, aggregations=aggregations,
+                     smooth=smooth, ops=None if ops is None else tuple(ops),
+                     extra_ops=tuple(extra_ops), kink_margin_min=kink_margin_min,
+                     max_value=max_value)
+
+
+@st.composite
+def _programs(draw, *, max_ops, max_clients, max_rows, max_dim, secure_only, aggregations,
+              smooth, ops, extra_ops, kink_margin_min, max_value):
     opts = dict(smooth=smooth, secure_only=secure_only, aggregations=aggregations,
                 max_rows=max_rows)
     dims = {"d": draw(st.integers(1, max_dim)), "k": draw(st.integers(2, max(2, max_dim)))}
