@@ -1,7 +1,7 @@
-"""Pytree helpers for parameter dicts: map, federated broadcast/weighted mean, NumPy norms.
+"""Pytree helpers for parameter dicts: map, federated broadcast and weighted mean, copies.
 
 ``tree_map``, ``broadcast`` and ``weighted_mean`` work inside traces (on tracers) and, for
-``tree_map``, eagerly on NumPy arrays; the ``np_*`` helpers are NumPy only.
+``tree_map``, eagerly on NumPy arrays; ``zeros_like`` and ``np_copy`` are NumPy only.
 """
 
 from __future__ import annotations
@@ -37,13 +37,6 @@ def weighted_mean(tree, weights):
 
 def zeros_like(tree):
     return tree_map(lambda x: np.zeros_like(np.asarray(x)), tree)
-
-
-def np_vdot(a, b) -> float:
-    """Inner product of two trees of NumPy arrays."""
-    la, _ = pytree.flatten(a)
-    lb, _ = pytree.flatten(b)
-    return float(sum(np.vdot(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True)))
 
 
 def np_copy(tree):
