@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import ops
+from . import ops, pytree
 from .core import Tracer
 from .errors import PlacementError
 from .ir.types import CLIENTS
@@ -10,24 +10,32 @@ from .ir.types import CLIENTS
 __all__ = ["broadcast", "sum", "mean", "weighted_mean", "secure_sum", "num_clients", "map"]
 
 
+def _tree_map(f, tree):
+    leaves, treedef = pytree.flatten(tree)
+    return pytree.unflatten(treedef, [f(x) for x in leaves])
+
+
 def broadcast(x):
-    """SERVER -> CLIENTS: every client receives the same value (``T@SERVER -> T@CLIENTS``)."""
-    return ops.broadcast(x)
+    """SERVER -> CLIENTS: every client receives the same value (``T@SERVER -> T@CLIENTS``).
+
+    Like every federated primitive, it maps over a pytree (e.g. a dict of model parameters)."""
+    return _tree_map(ops.broadcast, x)
 
 
 def sum(x):  # noqa: A001
     """CLIENTS -> SERVER: the sum of the clients' values."""
-    return ops.fsum(x)
+    return _tree_map(ops.fsum, x)
 
 
 def mean(x):
     """CLIENTS -> SERVER: the unweighted mean of the clients' values."""
-    return ops.fmean(x)
+    return _tree_map(ops.fmean, x)
 
 
 def weighted_mean(x, weight):
-    """CLIENTS -> SERVER: ``sum_i w_i x_i / sum_i w_i`` with one scalar weight per client."""
-    return ops.weighted_mean(x, weight)
+    """CLIENTS -> SERVER: ``sum_i w_i x_i / sum_i w_i`` with one scalar weight per client
+    (the same weight for every leaf of a pytree ``x``)."""
+    return _tree_map(lambda leaf: ops.weighted_mean(leaf, weight), x)
 
 
 def secure_sum(x):
@@ -35,7 +43,7 @@ def secure_sum(x):
 
     Simulated here as an exact sum; what matters to fadcore is that it is the only
     clients -> server flow privacy policies allow, and that derivatives keep to it."""
-    return ops.secure_sum(x)
+    return _tree_map(ops.secure_sum, x)
 
 
 def num_clients():

@@ -441,3 +441,26 @@ def test_grad_of_grad_scalar_closed_form(rng):
     for mode in ("reverse", "mixed", "forward"):
         got = fad.grad(fad.grad(s, mode=mode), mode=mode)(x, fad.clients(X))
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_federated_primitives_map_over_pytrees(rng):
+    X, _ = ragged(rng)
+    params = {"W": rng.normal(size=(3, 2)), "b": rng.normal(size=2)}
+    alpha = fad.clients(rng.random(len(X)) + 0.5)
+
+    @fad.trace
+    def f(p, X, alpha):
+        pc = fad.broadcast(p)
+        h = {"z": fnp.mean(X @ pc["W"] + pc["b"], axis=0), "s": fnp.sum(X)}
+        m, ws, s = fad.mean(h), fad.weighted_mean(h, alpha), fad.secure_sum(h)
+        return fnp.sum(m["z"]) + fnp.sum(ws["z"] * ws["s"]) + s["s"] + fnp.sum(fad.sum(h)["z"])
+
+    a = np.array(alpha.tolist())
+    z = [x.mean(0) @ params["W"] + params["b"] for x in X]
+    sx = [x.sum() for x in X]
+    want = (np.sum(np.mean(z, 0)) + np.sum((a @ np.array(z) / a.sum()) * (a @ sx / a.sum()))
+            + np.sum(sx) + np.sum(np.sum(z, 0)))
+    np.testing.assert_allclose(f(params, X, alpha), want, rtol=1e-12)
+    g = fad.grad(f)(params, X, alpha)
+    # d/db: 1 (mean) + the weighted mean of sum(X) (the product term) + n (the sum)
+    np.testing.assert_allclose(g["b"], np.full(2, 1 + a @ sx / a.sum() + len(X)), rtol=1e-12)
