@@ -3,9 +3,10 @@ and the bytes dask moved per round beside ``fad.cost``'s per-client bytes x clie
 
     python benchmarks/bench_dask.py                      # 1,000 / 10,000 / 100,000 clients
     python benchmarks/bench_dask.py --clients 10000 100000 --rows 8 --dim 8 --repeat 3
+    python benchmarks/bench_dask.py --mode mixed          # the fused one-round gradient
 
-The graph is the reverse-mode gradient of the FedSGD loss (stateful: two rounds, the residuals
-stay on the workers between them); clients hold ragged data (``rows`` on average, ``dim``
+The graph is a gradient of the FedSGD loss, by default reverse mode (stateful: two rounds, the
+residuals stay on the workers between them); clients hold ragged data (``rows`` on average, ``dim``
 features). Dask runs on the backend's default cluster (a 2-worker, 1-thread-each LocalCluster
 on loopback). Times are the best of ``--repeat`` warm calls (numba compiled, the client data
 already on the workers); ``dask first`` is the first call on new data, which ships it.
@@ -28,6 +29,11 @@ from fadcore.backends import available
 from fadcore.backends import dask_backend as db
 from fadcore.backends.inputs import prepare_inputs
 from fadcore.examples import fed_mse
+
+
+MODES = {"reverse": dict(mode="reverse", state="stateful"),
+         "remat": dict(mode="reverse", state="remat"),
+         "mixed": dict(mode="mixed")}
 
 
 def make_data(n, rows, dim, seed=0):
@@ -143,6 +149,9 @@ def main(argv=None):
     ap.add_argument("--evaluator", default="auto", choices=["auto", "numba", "reference"],
                     help="what dask tasks run sub-graphs with")
     ap.add_argument("--no-numba", action="store_true", help="skip the numba backend column")
+    ap.add_argument("--mode", default="reverse", choices=list(MODES),
+                    help="which gradient of fed_mse: reverse (stateful, 2 rounds), remat "
+                         "(2 rounds, no client state), mixed (1 round)")
     args = ap.parse_args(argv)
 
     have_numba = "numba" in available() and not args.no_numba
@@ -151,7 +160,7 @@ def main(argv=None):
     nthreads = sum(client.nthreads().values())
     print(f"dask: {len(client.nthreads())} workers, {nthreads} threads; numba backend "
           f"{'available' if have_numba else 'NOT available (tasks use the reference evaluator)'}")
-    grad = fad.grad(fed_mse)
+    grad = fad.grad(fed_mse, **MODES[args.mode])
     # warm up: numba compiled (or loaded from its cache) here and on every worker
     w, X, y, _ = make_data(50, args.rows, args.dim, seed=1)
     g = grad.graph(w, X, y)
@@ -189,8 +198,8 @@ def main(argv=None):
         for m, (r, down, up, _state) in zip(meter.rounds, cost.per_round):
             bytes_table.append((n, r, m, down * n, up * n, shipped))
     # ---- times
-    print(f"\nreverse-mode grad of fed_mse (2 rounds), rows~{args.rows}, dim={args.dim}: "
-          "seconds per call (best of {args.repeat})".replace("{args.repeat}", str(args.repeat)))
+    print(f"\n{args.mode} grad of fed_mse ({len(g.rounds())} round(s)), rows~{args.rows}, "
+          f"dim={args.dim}: seconds per call (best of {args.repeat})")
     print(f"{'clients':>9} {'checks':>8} {'reference':>10} {'numba':>8} {'dask first':>11} "
           f"{'dask':>8} {'dask/numba':>11} {'ref/dask':>9}")
     for n, t_chk, t_ref, t_nb, t_first, t_dask in rows_table:
@@ -203,11 +212,14 @@ def main(argv=None):
     cx_nb = crossover(ns, [r[3] for r in rows_table], [r[5] for r in rows_table])
     cx_ref = crossover(ns, [r[2] for r in rows_table], [r[5] for r in rows_table])
     print("crossover (straight-line fit of time vs clients):")
-    print("  dask beats numba:     " + ("never on this machine (dask's per-client cost is not "
-                                         "below numba's)" if cx_nb is None else
-                                         f"above ~{cx_nb:,.0f} clients"))
-    print("  dask beats reference: " + ("never" if cx_ref is None else
-                                         f"above ~{cx_ref:,.0f} clients"))
+    if len(ns) < 2:
+        print("  needs two client counts or more")
+    else:
+        print("  dask beats numba:     " + (
+            "never on this machine (dask's per-client cost is not below numba's)"
+            if cx_nb is None else f"above ~{cx_nb:,.0f} clients"))
+        print("  dask beats reference: " + (
+            "never" if cx_ref is None else f"above ~{cx_ref:,.0f} clients"))
     # ---- bytes
     print("\nbytes per round: dask measured (scheduler nbytes + worker transfer logs) vs "
           "fad.cost per client x clients")
