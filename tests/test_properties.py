@@ -40,7 +40,7 @@ BASE = settings.default.max_examples   # from the profile conftest.py loaded
 #: property -> fraction of the profile's max_examples (ci: 25, dev: 60)
 SCALE = {
     "verify": 12, "json": 6, "backends": 6, "jvp": 8, "vjp": 6, "modes": 6, "closure": 6,
-    "secure": 6, "policy": 3, "rounds": 6, "second_order": 4, "extension": 2,
+    "secure": 6, "policy": 3, "rounds": 6, "second_order": 4, "extension": 2, "float32": 4,
 }
 EXAMPLES = {name: max(5, int(BASE * s)) for name, s in SCALE.items()}
 COVERAGE_PROGRAMS = 800
@@ -119,9 +119,10 @@ def random_like(tree, rng):
     out = []
     for x in leaves:
         if isinstance(x, fad.ClientValues):
-            out.append(fad.clients([rng.standard_normal(m.shape) for m in x.members]))
+            out.append(fad.clients([rng.standard_normal(m.shape).astype(m.dtype)
+                                    for m in x.members]))
         else:
-            out.append(rng.standard_normal(np.shape(x)))
+            out.append(rng.standard_normal(np.shape(x)).astype(np.asarray(x).dtype))
     return pytree.unflatten(t, out)
 
 
@@ -132,6 +133,11 @@ def tangents_for(args, rng) -> tuple:
 
 def vdot(x, y) -> float:
     return float(sum(np.vdot(a, b) for a, b in zip(arrays(x), arrays(y), strict=True)))
+
+
+def unit_cotangent(f, args, value=1.0) -> np.ndarray:
+    """A scalar cotangent of ``f``'s output dtype."""
+    return np.asarray(value, dtype=f.graph(*args).out_types[0].dtype.np)
 
 
 def derivative_graphs(f, args) -> dict:
@@ -146,7 +152,7 @@ def derivative_graphs(f, args) -> dict:
     rng = np.random.default_rng(0)
     gs["jvp"] = fad.jvp(f).graph(tuple(args), tangents_for(args, rng))
     _, pullback = fad.vjp(f, *args)
-    gs["vjp"] = pullback.graph(np.float64(1.0))
+    gs["vjp"] = pullback.graph(unit_cotangent(f, args))
     return gs
 
 
@@ -202,7 +208,7 @@ def test_backends_agree_with_reference(prog):
     note(f"backends: reference vs {OTHER_BACKENDS or 'none other available'}")
     graphs = {"primal": f.graph(*args), **derivative_graphs(f, args)}
     tangents = tangents_for(args, np.random.default_rng(0))     # as derivative_graphs
-    inputs = {"jvp": (tuple(args), tangents), "vjp": (tuple(args), np.float64(1.0))}
+    inputs = {"jvp": (tuple(args), tangents), "vjp": (tuple(args), unit_cotangent(f, args))}
     for what, g in graphs.items():
         run_args = inputs.get(what, args)
         want = fad.run(g, *run_args, backend="reference")
@@ -234,7 +240,7 @@ def test_reverse_vjp_is_the_transpose_of_the_jvp(prog):
     _, jv = fad.jvp(f, args, v)
     for mode in ("reverse", "mixed", "auto"):
         _, pullback = fad.vjp(f, *args, mode=mode)
-        cts = pullback(np.float64(u))
+        cts = pullback(unit_cotangent(f, args, u))
         rhs = sum(vdot(t, c) for t, c in zip(v, cts) if t is not None)
         lhs = float(jv) * u
         assert abs(lhs - rhs) <= 1e-9 * max(1.0, abs(lhs)), (mode, lhs, rhs)
@@ -351,6 +357,35 @@ def test_second_order(prog):
     fad.check_grads(f, args, order=2, modes=("forward", "reverse"))
 
 
+# --------------------------------------------------------------------------- float32
+
+@prop("float32")
+@given(programs(dtype="float32"))
+def test_float32_programs(prog):
+    """float32 programs stay float32 (values and gradients), every mode and backend agrees at
+    float32 precision, and they match the same program in float64."""
+    f, args = prog
+    show(f, args)
+    g = f.graph(*args)
+    g.verify()
+    assert g.out_types[0].dtype is fad.f32
+    fl = float_argnums(args)
+    want = fad.grad(f, argnums=fl)(*args)
+    assert {(x.dtype if isinstance(x, fad.ClientValues) else np.asarray(x).dtype)
+            for x in pytree.flatten(want)[0]} == {np.dtype(np.float32)}
+    for mode in ("mixed", "auto"):
+        assert_close(fad.grad(f, argnums=fl, mode=mode)(*args), want, 1e-4, mode)
+    for name in OTHER_BACKENDS:
+        for what, h in {"primal": g, "reverse": fad.grad(f, argnums=fl).graph(*args)}.items():
+            assert_close(fad.run(h, *args, backend=name), fad.run(h, *args, backend="reference"),
+                         1e-5, f"{what} graph on backend {name!r} vs reference")
+    twin = f.recipe.as_dtype("float64")
+    f64, args64 = twin.function(), twin.make_args()
+    note(f"float64 twin:\n{twin}")
+    assert_close(f(*args), f64(*args64), 1e-4, "float32 value vs float64")
+    assert_close(want, fad.grad(f64, argnums=fl)(*args64), 1e-3, "float32 grad vs float64")
+
+
 # --------------------------------------------------------------------------- user extensions
 
 def swish(x):
@@ -375,6 +410,8 @@ def test_programs_rejects_unknown_options():
         programs(aggregations=("median",))
     with pytest.raises(ValueError, match="op family 'fft'"):
         programs(ops=("fft",))
+    with pytest.raises(ValueError, match="dtype"):
+        programs(dtype="float16")
     with pytest.raises(ValueError, match="max_ops"):
         programs(max_ops=0)
     with pytest.raises(TypeError, match="Op"):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import linecache
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -114,8 +114,8 @@ class Val:
     def ragged(self) -> bool:
         return None in self.shape
 
-    def type_str(self) -> str:
-        dt = {"f": "f64", "i": "i64", "b": "bool"}[self.dtype]
+    def type_str(self, fdt: str = "f64") -> str:
+        dt = {"f": fdt, "i": "i64", "b": "bool"}[self.dtype]
         dims = ",".join("?" if d is None else str(d) for d in self.shape)
         return f"{dt}[{dims}]"
 
@@ -155,6 +155,7 @@ class Recipe:
     seed: int
     uses_local_loss: bool = False
     env: dict = field(default_factory=dict)
+    fdt: str = "f64"              # the programs' float dtype: "f64" or "f32"
 
     # -- source -------------------------------------------------------------------------
     def _body(self) -> list[str]:
@@ -162,7 +163,8 @@ class Recipe:
         for name, kind, tree, leaves in self.inputs:
             placed = "@SERVER" if kind == "server" else "@CLIENTS"
             types = ", ".join(
-                f"{v.ref}: " + (f"{{{v.type_str()}}}" if kind == "clients" else v.type_str())
+                f"{v.ref}: " + (f"{{{v.type_str(self.fdt)}}}" if kind == "clients"
+                                else v.type_str(self.fdt))
                 + placed + (f" in [0, {v.high})" if v.dtype == "i" else "") for v in leaves)
             lines.append(f"    # {types}")
         for s in self.steps:
@@ -197,7 +199,7 @@ class Recipe:
         rng = np.random.default_rng(self.seed)
         args = []
         for name, kind, tree, leaves in self.inputs:
-            vals = [_make_leaf(v, kind, self.rows, rng) for v in leaves]
+            vals = [_make_leaf(v, kind, self.rows, rng, self.fdt) for v in leaves]
             if tree == "leaf":
                 args.append(vals[0])
             elif tree == "tuple":
@@ -205,6 +207,15 @@ class Recipe:
             else:
                 args.append({v.ref.split("'")[1]: x for v, x in zip(leaves, vals)})
         return tuple(args)
+
+    def as_dtype(self, dtype: str) -> "Recipe":
+        """The same program in ``"float32"`` or ``"float64"``; ``make_args()`` of the result
+        draws the same numbers (rounded to that dtype)."""
+        fdt = {"float32": "f32", "float64": "f64"}[dtype]
+        old, new = {"f32": ("fnp.float64", "fnp.float32"),
+                    "f64": ("fnp.float32", "fnp.float64")}[fdt]
+        steps = [Step(s.op, s.out, s.expr.replace(old, new)) for s in self.steps]
+        return replace(self, steps=steps, output=self.output.replace(old, new), fdt=fdt)
 
     # -- compiling ----------------------------------------------------------------------
     def function(self, probe: bool = False) -> "Program":
@@ -217,11 +228,11 @@ class Recipe:
         return Program(self, ns["probe" if probe else "program"])
 
 
-def _make_leaf(v: Val, kind: str, rows, rng):
+def _make_leaf(v: Val, kind: str, rows, rng, fdt="f64"):
     def one(shape):
         if v.dtype == "i":
             return rng.integers(0, v.high, size=shape).astype(np.int64)
-        return rng.normal(size=shape)
+        return rng.normal(size=shape).astype(np.float32 if fdt == "f32" else np.float64)
     if kind == "server":
         return one(v.shape)
     return fad.clients([one(tuple(r if d is None else d for d in v.shape)) for r in rows])
@@ -288,6 +299,11 @@ class _Gen:
         self.draw = draw
         self.o = opts
         self.dims = dims
+        self.fdt = opts.get("fdt", "f64")
+        self.fnp_dtype = "fnp.float32" if self.fdt == "f32" else "fnp.float64"
+        # num_clients() is f64: cast it for float32 programs (NumPy would promote to f64)
+        self.num_clients = ("fad.num_clients()" if self.fdt == "f64" else
+                            "fnp.astype(fad.num_clients(), fnp.float32)")
         self.vals: list[Val] = []
         self.steps: list[Step] = []
         self.kinks: list[Kink] = []
@@ -692,10 +708,11 @@ def gen_labels(g: _Gen) -> bool:
         return False
     kind, y = g.pick(opts)
     if kind == "one_hot":
-        g.emit("one_hot", f"fnp.one_hot({y.ref}, {y.high})", [y], y.shape + (y.high,),
+        dt = "" if g.fdt == "f64" else f", dtype={g.fnp_dtype}"
+        g.emit("one_hot", f"fnp.one_hot({y.ref}, {y.high}{dt})", [y], y.shape + (y.high,),
                const=True)
     elif kind == "astype":
-        src = g.choice([f"fnp.astype({y.ref}, fnp.float64)", f"{y.ref}.astype(fnp.float64)"])
+        src = g.choice([f"fnp.astype({y.ref}, {g.fnp_dtype})", f"{y.ref}.astype({g.fnp_dtype})"])
         g.emit("astype", src, [y], y.shape, const=True)
     else:
         ax = g.choice([i for i, d in enumerate(y.shape) if d is not None])
@@ -802,7 +819,7 @@ def _aggregate_src(g: _Gen, inner: str, operands: list):
             return agg, f"fad.weighted_mean({inner}, fnp.exp(fnp.tanh({w.ref})))", operands + [w]
         return agg, f"fad.weighted_mean({inner}, fnp.ones_like(fnp.sum({inner})))", operands
     if agg == "secure_sum" and g.o["secure_only"] and g.draw(st.booleans()):
-        return "secure_mean", f"fad.secure_sum({inner}) / fad.num_clients()", operands
+        return "secure_mean", f"fad.secure_sum({inner}) / {g.num_clients}", operands
     return agg, f"fad.{agg}({inner})", operands
 
 
@@ -841,7 +858,7 @@ def gen_num_clients(g: _Gen) -> bool:
     if not cs:
         return False
     x = g.pick(cs)
-    g.emit("num_clients", f"{x.ref} / fad.num_clients()", [x], x.shape)
+    g.emit("num_clients", f"{x.ref} / {g.num_clients}", [x], x.shape)
     return True
 
 
@@ -944,12 +961,12 @@ def _draw_inputs(g: _Gen, draw, dims, rows):
 def _draw_output(g: _Gen) -> str:
     """Reduce every unused value to a float scalar; aggregate the client ones; add them up.
 
-    Integer and bool values count too (cast to float64): otherwise client data consumed only
+    Integer and bool values count too (cast to the float dtype): otherwise client data consumed only
     by, e.g., an argmax would leave a program without any aggregation."""
     leaves = [v for v in g.vals if v.uses == 0]
     terms = []
     for v in leaves:
-        ref = v.ref if v.dtype == "f" else f"fnp.astype({v.ref}, fnp.float64)"
+        ref = v.ref if v.dtype == "f" else f"fnp.astype({v.ref}, {g.fnp_dtype})"
         inner = ref if v.shape == () else f"fnp.{g.choice(['sum', 'mean'])}({ref})"
         if v.placement == C:
             _, inner, _ = _aggregate_src(g, inner, [v])
@@ -993,11 +1010,12 @@ def _check_types(recipe: Recipe, probe_graph, nk: int) -> None:
     for s, t in zip(recipe.steps, probe_graph.out_types[nk:], strict=True):
         v = s.out
         want_place = fad.SERVER if v.placement == S else fad.CLIENTS
-        want_dtype = {"f": fad.f64, "i": fad.i64, "b": fad.bool_}[v.dtype]
+        want_dtype = {"f": fad.f32 if recipe.fdt == "f32" else fad.f64, "i": fad.i64,
+                      "b": fad.bool_}[v.dtype]
         if t.placement is not want_place or t.dtype is not want_dtype or t.shape != v.shape:
             raise AssertionError(
                 f"strategies.programs: step {v.ref} = {s.expr} was expected to give "
-                f"{v.type_str()}@{v.placement} but traced to {t} (a generator bug, or a "
+                f"{v.type_str(recipe.fdt)}@{v.placement} but traced to {t} (a generator bug, or a "
                 f"shape rule that changed)\n{recipe}")
 
 
@@ -1007,7 +1025,7 @@ def programs(*, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
              max_dim: int = 4, secure_only: bool = False, aggregations: Sequence[str] = None,
              smooth: bool = False, ops: Sequence[str] | None = None,
              extra_ops: Sequence[Op] = (), kink_margin_min: float = 1e-3,
-             max_value: float = 1e3):
+             max_value: float = 1e3, dtype: str = "float64"):
     """Random well-typed federated programs with a scalar SERVER output, and their arguments.
 
     Yields ``(f, args)``: ``f`` a :class:`Program` (a traced function; ``f.recipe`` is its
@@ -1026,7 +1044,9 @@ def programs(*, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
     - ``ops``: restrict the built-in op families to these names (see :data:`OP_NAMES`);
     - ``extra_ops``: user :class:`Op` s, drawn like the built-in ones;
     - ``kink_margin_min``, ``max_value``: reject draws closer than this to a kink, or with an
-      intermediate value larger than this in magnitude (or not finite).
+      intermediate value larger than this in magnitude (or not finite);
+    - ``dtype``: ``"float64"`` or ``"float32"``, the dtype of every float argument and value
+      (labels stay int64).
     """
     if secure_only:
         aggregations = ("secure_sum",)
@@ -1042,6 +1062,8 @@ def programs(*, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
                         ("max_rows", max_rows, 1), ("max_dim", max_dim, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"programs: {name} must be an int >= {lo}, got {v!r}")
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"programs: dtype is 'float64' or 'float32', got {dtype!r}")
     for op in extra_ops:
         if not isinstance(op, Op):
             raise TypeError(f"programs: extra_ops holds Op(...) values, got {op!r}")
@@ -1049,14 +1071,14 @@ def programs(*, max_ops: int = 8, max_clients: int = 3, max_rows: int = 6,
                      max_dim=max_dim, secure_only=secure_only, aggregations=aggregations,
                      smooth=smooth, ops=None if ops is None else tuple(ops),
                      extra_ops=tuple(extra_ops), kink_margin_min=kink_margin_min,
-                     max_value=max_value)
+                     max_value=max_value, fdt="f32" if dtype == "float32" else "f64")
 
 
 @st.composite
 def _programs(draw, *, max_ops, max_clients, max_rows, max_dim, secure_only, aggregations,
-              smooth, ops, extra_ops, kink_margin_min, max_value):
+              smooth, ops, extra_ops, kink_margin_min, max_value, fdt):
     opts = dict(smooth=smooth, secure_only=secure_only, aggregations=aggregations,
-                max_rows=max_rows)
+                max_rows=max_rows, fdt=fdt)
     dims = {"d": draw(st.integers(1, max_dim)), "k": draw(st.integers(2, max(2, max_dim)))}
     g = _Gen(draw, opts, dims)
     n_clients = draw(st.integers(1, max_clients))
@@ -1088,7 +1110,7 @@ def _programs(draw, *, max_ops, max_clients, max_rows, max_dim, secure_only, agg
     output = _draw_output(g)
     seed = draw(st.integers(0, 2**32 - 1))
     recipe = Recipe(n_clients, tuple(rows), dims, inputs, g.steps, output, g.kinks, seed,
-                    g.uses_local_loss, env)
+                    g.uses_local_loss, env, fdt)
 
     f = recipe.function()
     args = recipe.make_args()
