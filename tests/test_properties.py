@@ -41,6 +41,7 @@ BASE = settings.default.max_examples   # from the profile conftest.py loaded
 SCALE = {
     "verify": 12, "json": 6, "backends": 6, "jvp": 8, "vjp": 6, "modes": 6, "closure": 6,
     "secure": 6, "policy": 3, "rounds": 6, "second_order": 4, "extension": 2, "float32": 4,
+    "dask": 1,
 }
 EXAMPLES = {name: max(5, int(BASE * s)) for name, s in SCALE.items()}
 COVERAGE_PROGRAMS = 800
@@ -195,7 +196,7 @@ def test_graphs_survive_json_round_trip(prog):
 
 # --------------------------------------------------------------------------- 2. backends
 
-#: dask starts a LocalCluster: it is compared with the reference in its own (marked) tests.
+#: dask runs its tasks on a LocalCluster: test_dask_backend_agrees_with_reference, fewer examples
 OTHER_BACKENDS = sorted(set(available()) - {"reference", "dask"})
 
 
@@ -215,6 +216,42 @@ def test_backends_agree_with_reference(prog):
         for name in OTHER_BACKENDS:
             assert_close(fad.run(g, *run_args, backend=name), want, 1e-12,
                          f"{what} graph on backend {name!r} vs reference")
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    pytest.importorskip("distributed")
+    if "dask" not in available():
+        pytest.skip("the dask backend is not available")
+    from fadcore.backends import dask_backend
+    client = dask_backend.default_client()
+    client.wait_for_workers(2, timeout=60)
+    yield client
+    dask_backend.shutdown()
+
+
+@pytest.mark.dask
+@prop("dask")
+@given(programs())
+def test_dask_backend_agrees_with_reference(dask_client, prog):
+    """The dask backend (tasks per chunk of clients, partial sums reduced on the driver) on
+    the primal and its main derivative graphs, one client per chunk."""
+    f, args = prog
+    show(f, args)
+    fl = float_argnums(args)
+    tangents = tangents_for(args, np.random.default_rng(0))
+    graphs = {
+        "primal": (f.graph(*args), args),
+        "reverse": (fad.grad(f, argnums=fl).graph(*args), args),
+        "reverse/remat": (fad.grad(f, argnums=fl, state="remat").graph(*args), args),
+        "mixed": (fad.grad(f, argnums=fl, mode="mixed").graph(*args), args),
+        "jvp": (fad.jvp(f).graph(tuple(args), tangents), (tuple(args), tangents)),
+    }
+    for what, (g, run_args) in graphs.items():
+        got = fad.run(g, *run_args, backend="dask", chunk_size=1, evaluator="reference",
+                      timeout=60)
+        assert_close(got, fad.run(g, *run_args, backend="reference"), 1e-12,
+                     f"{what} graph on dask vs reference")
 
 
 # --------------------------------------------------------------------------- 3. gradients
