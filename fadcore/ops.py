@@ -144,6 +144,17 @@ def _unfit(ct, t: TensorType):
     return reduce_sum(ct, tuple(range(len(shape_of(ct)))))
 
 
+def linear_jvp(p: Primitive) -> None:
+    """Register the JVP of a primitive linear in its first operand (the others are indices or
+    static): the tangent goes through the same primitive."""
+    def jvp(primals, tangents, **params):
+        out = bind(p, *primals, **params)
+        if is_zero(tangents[0]):
+            return out, Zero(tensor_type(out))
+        return out, bind(p, tangents[0], *primals[1:], **params)
+    jvp_rules[p] = jvp
+
+
 def _add_tangents(a, b):
     if is_zero(a):
         return b
@@ -564,18 +575,12 @@ def _kept_dims(ndim, axes):
     return tuple(i for i in range(ndim) if i not in axes)
 
 
-def _reduce_sum_jvp(primals, tangents, *, axes):
-    (x,), (t,) = primals, tangents
-    out = reduce_sum(x, axes)
-    return out, Zero(tensor_type(out)) if is_zero(t) else reduce_sum(t, axes)
-
-
 def _reduce_sum_transpose(ct, x, *, axes):
     xt = x.type
     return [broadcast_in_dim(ct, xt.shape, _kept_dims(xt.ndim, axes))]
 
 
-jvp_rules[reduce_sum_p] = _reduce_sum_jvp
+linear_jvp(reduce_sum_p)
 transpose_rules[reduce_sum_p] = _reduce_sum_transpose
 
 
@@ -646,12 +651,6 @@ def broadcast_in_dim(x, shape, dims):
     return bind(broadcast_in_dim_p, x, shape=shape, dims=dims)
 
 
-def _bid_jvp(primals, tangents, *, shape, dims):
-    (x,), (t,) = primals, tangents
-    out = broadcast_in_dim(x, shape, dims)
-    return out, Zero(tensor_type(out)) if is_zero(t) else broadcast_in_dim(t, shape, dims)
-
-
 def _bid_transpose(ct, x, *, shape, dims):
     xt = x.type
     new = tuple(i for i in range(len(shape)) if i not in dims)
@@ -660,7 +659,7 @@ def _bid_transpose(ct, x, *, shape, dims):
     return [reshape(summed, xt.shape)]
 
 
-jvp_rules[broadcast_in_dim_p] = _bid_jvp
+linear_jvp(broadcast_in_dim_p)
 transpose_rules[broadcast_in_dim_p] = _bid_transpose
 
 
@@ -691,9 +690,7 @@ def reshape(x, shape):
     return bind(reshape_p, x, shape=shape)
 
 
-jvp_rules[reshape_p] = lambda p, t, *, shape: (
-    reshape(p[0], shape),
-    Zero(tensor_type(p[0]).with_shape(shape)) if is_zero(t[0]) else reshape(t[0], shape))
+linear_jvp(reshape_p)
 transpose_rules[reshape_p] = lambda ct, x, *, shape: [reshape(ct, x.type.shape)]
 
 
@@ -714,9 +711,7 @@ def transpose(x, perm):
     return bind(transpose_p, x, perm=perm)
 
 
-jvp_rules[transpose_p] = lambda p, t, *, perm: (
-    transpose(p[0], perm),
-    Zero(_transpose_shape(tensor_type(p[0]), perm=perm)) if is_zero(t[0]) else transpose(t[0], perm))
+linear_jvp(transpose_p)
 transpose_rules[transpose_p] = lambda ct, x, *, perm: [transpose(ct, tuple(np.argsort(perm).tolist()))]
 
 
@@ -866,16 +861,9 @@ def pad(ct, shape, starts, limits, strides):
                 strides=tuple(strides))
 
 
-def _slice_jvp(primals, tangents, **kw):
-    (x,), (t,) = primals, tangents
-    out = slice_(x, **kw)
-    return out, Zero(tensor_type(out)) if is_zero(t) else slice_(t, **kw)
-
-
-jvp_rules[slice_p] = _slice_jvp
+linear_jvp(slice_p)
 transpose_rules[slice_p] = lambda ct, x, **kw: [pad(ct, x.type.shape, **kw)]
-jvp_rules[pad_p] = lambda p, t, **kw: (
-    pad(p[0], **kw), Zero(TensorType(dtype(p[0]), kw["shape"])) if is_zero(t[0]) else pad(t[0], **kw))
+linear_jvp(pad_p)
 transpose_rules[pad_p] = lambda ct, x, *, shape, **kw: [slice_(ct, **kw)]
 
 
@@ -982,16 +970,10 @@ def untake(ct, idx, axis, dim):
     return bind(untake_p, ct, idx, axis=axis, dim=dim)
 
 
-jvp_rules[take_p] = lambda p, t, *, axis: (
-    take(p[0], p[1], axis),
-    Zero(_take_shape(tensor_type(p[0]), tensor_type(p[1]), axis=axis)) if is_zero(t[0])
-    else take(t[0], p[1], axis))
+linear_jvp(take_p)
 transpose_rules[take_p] = lambda ct, x, idx, *, axis: [
     untake(ct, idx, axis, x.type.shape[axis]), None]
-jvp_rules[untake_p] = lambda p, t, *, axis, dim: (
-    untake(p[0], p[1], axis, dim),
-    Zero(_untake_shape(tensor_type(p[0]), tensor_type(p[1]), axis=axis, dim=dim))
-    if is_zero(t[0]) else untake(t[0], p[1], axis, dim))
+linear_jvp(untake_p)
 transpose_rules[untake_p] = lambda ct, c, idx, *, axis, dim: [take(ct, idx, axis), None]
 
 
@@ -1042,16 +1024,10 @@ def untake_along_axis(ct, idx, axis, dim):
     return bind(untake_along_axis_p, ct, idx, axis=axis, dim=dim)
 
 
-jvp_rules[take_along_axis_p] = lambda p, t, *, axis: (
-    take_along_axis(p[0], p[1], axis),
-    Zero(_tala_shape(tensor_type(p[0]), tensor_type(p[1]), axis=axis)) if is_zero(t[0])
-    else take_along_axis(t[0], p[1], axis))
+linear_jvp(take_along_axis_p)
 transpose_rules[take_along_axis_p] = lambda ct, x, idx, *, axis: [
     untake_along_axis(ct, idx, axis, x.type.shape[axis]), None]
-jvp_rules[untake_along_axis_p] = lambda p, t, *, axis, dim: (
-    untake_along_axis(p[0], p[1], axis, dim),
-    Zero(_untala_shape(tensor_type(p[0]), tensor_type(p[1]), axis=axis, dim=dim))
-    if is_zero(t[0]) else untake_along_axis(t[0], p[1], axis, dim))
+linear_jvp(untake_along_axis_p)
 transpose_rules[untake_along_axis_p] = lambda ct, c, idx, *, axis, dim: [
     take_along_axis(ct, idx, axis), None]
 
@@ -1169,16 +1145,8 @@ def after(x, token):
 transpose_aggregation: list = [sum_p]
 
 
-def _linear_fed(p):
-    def jvp(primals, tangents):
-        out = bind(p, *primals)
-        t = tangents[0]
-        return out, Zero(tensor_type(out)) if is_zero(t) else bind(p, t)
-    jvp_rules[p] = jvp
-
-
 for _p in (broadcast_p, sum_p, mean_p, secure_sum_p):
-    _linear_fed(_p)
+    linear_jvp(_p)
 
 transpose_rules[broadcast_p] = lambda ct, x: [bind(transpose_aggregation[-1], ct)]
 transpose_rules[sum_p] = lambda ct, x: [broadcast(ct)]
@@ -1211,11 +1179,5 @@ jvp_rules[weighted_mean_p] = _weighted_mean_jvp
 transpose_rules[weighted_mean_p] = _weighted_mean_transpose
 
 
-def _after_jvp(primals, tangents):
-    x, token = primals
-    out = after(x, token)
-    return out, Zero(tensor_type(out)) if is_zero(tangents[0]) else after(tangents[0], token)
-
-
-jvp_rules[after_p] = _after_jvp
+linear_jvp(after_p)          # the tangent waits for the same token
 transpose_rules[after_p] = lambda ct, x, token: [ct, None]
