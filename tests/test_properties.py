@@ -374,6 +374,14 @@ def test_derivative_graphs_verify_and_keep_their_schedules(prog):
         assert len(gs[what].rounds()) == primal_rounds, what
         assert fad.cost(gs[what], clients=n, rows=max(rows)).rounds == primal_rounds, what
     assert len(gs["forward"].rounds()) <= primal_rounds
+    # reverse: the forward sweep, then at most one backward round per aggregation level;
+    # mixed pushes forward to save rounds; auto only accepts flips that lower its cost
+    reverse_rounds = len(gs["reverse/stateful"].rounds())
+    assert reverse_rounds <= 2 * primal_rounds
+    assert len(gs["mixed/stateful"].rounds()) <= reverse_rounds
+    w = fad.CostWeights()
+    assert w.total(fad.cost(gs["auto"], w.clients, w.rows)) <= \
+        w.total(fad.cost(gs["reverse/stateful"], w.clients, w.rows)) * (1 + 1e-12)
     for what in ("reverse/remat", "mixed/remat"):
         c = fad.cost(gs[what], clients=n, rows=max(rows))
         assert c.client_state_bytes == 0, (what, c)
