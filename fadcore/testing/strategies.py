@@ -43,7 +43,6 @@ from hypothesis import strategies as st
 import fadcore as fad
 from fadcore import nn
 from fadcore import numpy as fnp
-from fadcore import pytree
 from fadcore.tracing import TracedFunction
 from fadcore.values import ClientValues
 
@@ -71,8 +70,8 @@ class Op:
     ``None`` inside a shape is the client's ragged row dimension).
     ``kinks``: expressions (same placeholders) whose zeros are non-differentiable points
     (``("{0}",)`` for a relu-like op), so draws too close to them are rejected; non-empty kinks
-    also keep the op out of ``smooth=True`` programs. ``weight``: how often it is drawn
-    relative to a built-in op (1).
+    also keep the op out of ``smooth=True`` programs. ``weight``: how often it is drawn, in
+    the units of :data:`GENERATORS` (a family of built-in ops weighs 1 to 5).
     """
 
     name: str
@@ -100,11 +99,10 @@ class Val:
     ref: str                 # how the source refers to it: "v3", "p['w']", "X"
     placement: str           # "SERVER" | "CLIENTS"
     shape: tuple             # None: the client's row count
-    dtype: str = "f"         # "f" (f64) | "i" (i64) | "b" (bool)
+    dtype: str = "f"         # "f" (the programs' float dtype) | "i" (i64) | "b" (bool)
     high: int = 0            # integers: values in [0, high)
     const: bool = False      # depends on no float input: safe under comparisons and argmax
     uses: int = 0
-    is_input: bool = False
 
     @property
     def ndim(self) -> int:
@@ -928,23 +926,23 @@ def _draw_inputs(g: _Gen, draw, dims, rows):
     tree = draw(st.sampled_from(["leaf", "dict", "tuple"]))
     shapes = [(d,), (), (d, k), (k,)]
     if tree == "leaf":
-        leaves = [Val("w", S, draw(st.sampled_from(shapes)), is_input=True)]
+        leaves = [Val("w", S, draw(st.sampled_from(shapes)))]
     else:
         n = draw(st.integers(2, 3))
         names = ["w", "b", "W"][:n]
         picks = [draw(st.sampled_from(shapes)) for _ in range(n)]
         refs = [f"p['{nm}']" if tree == "dict" else f"p[{i}]" for i, nm in enumerate(names)]
-        leaves = [Val(r, S, s, is_input=True) for r, s in zip(refs, picks)]
+        leaves = [Val(r, S, s) for r, s in zip(refs, picks)]
     inputs.append(("p" if tree != "leaf" else "w", "server", tree, leaves))
     # client data, labels, per-client scalars and vectors
-    X = Val("X", C, (rd, d), is_input=True)
+    X = Val("X", C, (rd, d))
     extra = []
     if draw(st.booleans()):
-        extra.append(Val("y", C, (rd,), "i", high=k, const=True, is_input=True))
+        extra.append(Val("y", C, (rd,), "i", high=k, const=True))
     if draw(st.booleans()):
-        extra.append(Val("a", C, (), is_input=True))
+        extra.append(Val("a", C, ()))
     if draw(st.booleans()):
-        extra.append(Val("u", C, (d,), is_input=True))
+        extra.append(Val("u", C, (d,)))
     if extra and extra[0].ref == "y" and draw(st.booleans()):
         X.ref, extra[0].ref = "data[0]", "data[1]"
         inputs.append(("data", "clients", "tuple", [X, extra[0]]))
