@@ -8,6 +8,7 @@ and the fault tests kill a worker in the middle of a multi-round derivative.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -338,6 +339,22 @@ def test_lost_state_is_an_error_naming_the_round(client):
     # the cluster is fine afterwards
     np.testing.assert_allclose(run_dask(g, *args, chunk_size=2),
                                fad.run(g, *args, backend="reference"), rtol=RTOL)
+
+
+def test_round_over_its_timeout_is_an_error(client):
+    args = example_args_fed_mse()
+    g = fad.grad(fed_mse).graph(*args)
+    busy = []
+
+    def on_round(info):
+        if info["round"] == 1 and info["phase"] == "done":
+            # every worker thread sleeps through round 2's time allowance
+            busy.extend(client.submit(time.sleep, 3, workers=[w], pure=False)
+                        for w in client.nthreads())
+
+    with pytest.raises(fad.FadError, match="round 2 .*timeout="):
+        run_dask(g, *args, chunk_size=2, on_round=on_round, timeout=1)
+    client.gather(busy)
 
 
 # --------------------------------------------------------------------------- numba in the tasks

@@ -594,10 +594,18 @@ def _lost(rp: RoundPlan, graph: Graph, chunks, futures, err) -> FadError:
     bad = next((i for i, f in enumerate(futures) if f.status != "finished"), None)
     where = "" if bad is None else (
         f" (chunk {bad + 1} of {len(chunks)}: clients {chunks[bad][0]}..{chunks[bad][1] - 1})")
-    return FadError(
-        f"dask backend: round {rp.index} of {graph.name!r} failed{where}: its client data or "
-        f"the client state kept from earlier rounds was lost and cannot be recomputed "
-        f"({type(err).__name__}: {err}); rerun the computation")
+    if isinstance(err, distributed.scheduler.KilledWorker):
+        why = ("its task took down every worker that ran it (a crash inside the task: see the "
+               "worker logs)")
+    elif isinstance(err, TimeoutError):
+        why = "it did not finish within timeout= (no workers, or workers too slow)"
+    elif isinstance(err, distributed.comm.CommClosedError):
+        why = "the connection to the dask scheduler was lost"
+    else:
+        why = ("its client data or the client state kept from earlier rounds was lost and "
+               "cannot be recomputed")
+    return FadError(f"dask backend: round {rp.index} of {graph.name!r} failed{where}: {why} "
+                    f"({type(err).__name__}: {err}); rerun the computation")
 
 
 def execute(graph: Graph, inputs: Inputs, client=None, chunk_size: int | None = None,
