@@ -65,6 +65,15 @@ class Primitive:
     def bind(self, *args, **params):
         return bind(self, *args, **params)
 
+    def __reduce__(self):
+        # pickled by name: the rule tables are keyed by the registered object
+        return (_primitive_named, (self.name,))
+
+
+def _primitive_named(name: str) -> "Primitive":
+    from . import ops  # noqa: F401  (registers the primitives)
+    return primitives[name]
+
 
 # --------------------------------------------------------------------------- source lines
 

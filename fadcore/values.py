@@ -40,6 +40,18 @@ class ClientValues:
         self._shapes = None
         self._type = None
 
+    @classmethod
+    def _trusted(cls, members: list, all_equal: bool = False,
+                 shapes: np.ndarray | None = None) -> "ClientValues":
+        """For backends: members already C-contiguous arrays of one dtype and rank (and their
+        shapes, if known), so no per-member checking pass is needed."""
+        self = object.__new__(cls)
+        self.members = members
+        self.all_equal = all_equal
+        self._shapes = shapes
+        self._type = None
+        return self
+
     # -- sequence protocol ---------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.members)

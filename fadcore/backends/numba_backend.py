@@ -829,11 +829,17 @@ def _output(prog, how, ref, t, inputs, n, rows, arena, pers, pers_off):
         st, kk = prog.persistent[j][2], prog.persistent[j][3]
         if kk == 0:
             base = int(offs[0])
-            members = list(_to_dtype(pers[base:base + n * st].reshape((n,) + tt.shape), tt))
-        else:
-            members = [_to_dtype(pers[o:o + s].reshape(tt.concrete_shape(r)), tt)
-                       for o, s, r in zip(offs.tolist(), sizes.tolist(), rows[:n].tolist())]
-        return ClientValues(members, all_equal=t.all_equal)
+            stacked = _to_dtype(pers[base:base + n * st].reshape((n,) + tt.shape), tt)
+            return ClientValues._trusted(list(stacked), t.all_equal)
+        # ragged: one view per client, shaped by its row count (shapes built without a loop)
+        r = rows[:n]
+        shapes = np.empty((n, tt.ndim), dtype=np.int64)
+        for d, dim in enumerate(tt.shape):
+            shapes[:, d] = r if dim is None else dim
+        flat = pers if tt.dtype is f64 else _to_dtype(pers, tt)
+        members = [flat[o:o + s].reshape(shp)
+                   for o, s, shp in zip(offs.tolist(), sizes.tolist(), map(tuple, shapes.tolist()))]
+        return ClientValues._trusted(members, t.all_equal, shapes)
     if how == "input" and prog.g_inputs[ref].placement is CLIENTS:
         members = inputs.values[ref]
         members = members.members if isinstance(members, ClientValues) else members

@@ -36,6 +36,13 @@ class Placement:
 
     __str__ = __repr__
 
+    def __reduce__(self):          # placements are singletons (compared with `is`)
+        return (_placement_named, (self.name,))
+
+
+def _placement_named(name: str) -> "Placement":
+    return PLACEMENTS[name]
+
 
 SERVER = Placement("SERVER")
 CLIENTS = Placement("CLIENTS")
@@ -67,6 +74,9 @@ class DType:
     def is_int(self) -> bool:
         return self.name.startswith("i")
 
+    def __reduce__(self):          # dtypes are singletons (compared with `is`)
+        return (_dtype_named, (self.name,))
+
     def __getitem__(self, shape) -> "TensorType":
         if not isinstance(shape, tuple):
             shape = (shape,)
@@ -78,6 +88,10 @@ class DType:
         return self.name
 
     __str__ = __repr__
+
+
+def _dtype_named(name: str) -> "DType":
+    return DTYPES[name]
 
 
 f32 = DType("f32", "float32")
