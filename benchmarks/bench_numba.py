@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 import fadcore as fad
+from fadcore.examples import make_fedavg_round
 from fadcore import numpy as fnp
 from fadcore.backends import numba_backend as nb
 from fadcore.backends import reference
@@ -129,16 +130,7 @@ def mse_table(quick):
 def fedavg_table():
     K, lr = 5, 0.1
 
-    def client_loss(w, X, y):
-        z = X @ w
-        return fnp.mean(fnp.logaddexp(0.0, z) - y * z)
-
-    def after_round(eta, alpha, w, X, y):
-        wc = local = fad.broadcast(w)
-        for _ in range(K):
-            local = local - lr * fad.grad(client_loss)(local, X, y)
-        w_new = w - eta * fad.weighted_mean(wc - local, alpha)
-        return fad.mean(client_loss(fad.broadcast(w_new), X, y))
+    after_round = make_fedavg_round(K, lr)
 
     def numpy_round(eta, alpha, w, X, y):
         n, R, _ = X.shape
@@ -162,7 +154,7 @@ def fedavg_table():
         w = rng.normal(size=d)
         alpha = rng.uniform(0.5, 1.5, size=n)
         args = (np.float64(0.5), fad.clients(alpha), w, fad.clients(X), fad.clients(y))
-        gv = fad.trace(after_round).graph(*args)
+        gv = after_round.graph(*args)
         gg = fad.value_and_grad(after_round, argnums=(0, 1)).graph(*args)
         iv = prepare_inputs(gv, list(args))
         ig = prepare_inputs(gg, list(args))

@@ -16,7 +16,7 @@ from .errors import DifferentiationError
 from .ir.graph import Graph
 from .ir.types import CLIENTS, SERVER
 from .modes import forward, reverse
-from .tracing import TracedFunction, as_traced, signature
+from .tracing import TracedFunction, as_traced
 
 __all__ = ["grad", "value_and_grad", "jvp", "vjp", "hvp", "jacfwd", "MODES"]
 
@@ -180,7 +180,6 @@ def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
     jg = forward.jvp_graph(g, mask, ndirs)
     ncap = g.meta.get("num_captured", 0)
     nuser = len(g.inputs) - ncap
-    n_t = len(sel)
     b = Builder(name)
     from .core import inline
     with b:
@@ -212,10 +211,6 @@ def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
 
 
 # --------------------------------------------------------------------------- jvp / vjp
-
-def _tangent_mask(graph: Graph, tangents_tree_leaves) -> list[bool]:
-    return [t is not None for t in tangents_tree_leaves]
-
 
 def jvp(f, primals: Sequence | None = None, tangents: Sequence | None = None):
     """``fad.jvp(f, primals, tangents) -> (out, tangent_out)``.

@@ -10,7 +10,7 @@ import numpy as np
 import fadcore as fad
 from fadcore import numpy as fnp
 
-__all__ = ["fed_mse", "fedavg_round", "log_sum", "secure_mse", "two_round"]
+__all__ = ["fed_mse", "fedavg_round", "make_fedavg_round", "log_sum", "secure_mse", "two_round"]
 
 
 def _ragged(seed, clients=4, d=3, rows=(3, 9)):
@@ -56,16 +56,22 @@ def logistic_loss(w, X, y):
     return fnp.mean(fnp.logaddexp(0.0, z) - y * z)
 
 
-@fad.trace
-def fedavg_round(eta, alpha, w, X, y):
-    """One FedAvg round with K local SGD steps and client weights alpha, then the loss of the
-    new model: its gradient w.r.t. eta is the server-LR hypergradient, w.r.t. alpha the
+def make_fedavg_round(K: int = K_LOCAL, client_lr: float = CLIENT_LR):
+    """One FedAvg round with ``K`` local SGD steps and client weights alpha, then the loss of
+    the new model: its gradient w.r.t. eta is the server-LR hypergradient, w.r.t. alpha the
     client-weight gradient (DESIGN.md's example)."""
-    wc = local = fad.broadcast(w)
-    for _ in range(K_LOCAL):
-        local = local - CLIENT_LR * fad.grad(logistic_loss)(local, X, y)
-    w_new = w - eta * fad.weighted_mean(wc - local, alpha)
-    return fad.mean(logistic_loss(fad.broadcast(w_new), X, y))
+
+    @fad.trace(name="fedavg_round")
+    def fedavg_round(eta, alpha, w, X, y):
+        wc = local = fad.broadcast(w)
+        for _ in range(K):
+            local = local - client_lr * fad.grad(logistic_loss)(local, X, y)
+        w_new = w - eta * fad.weighted_mean(wc - local, alpha)
+        return fad.mean(logistic_loss(fad.broadcast(w_new), X, y))
+    return fedavg_round
+
+
+fedavg_round = make_fedavg_round()
 
 
 def example_args_fedavg_round(seed=0, d=3):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from . import pytree
 from .core import Tracer, current_builder, inline, trace_to_graph
-from .errors import DTypeError, ShapeError, TracingError
+from .errors import DTypeError, TracingError
 from .ir.graph import Graph
 from .ir.types import SERVER, FederatedType, TensorType, dtype_of
 from .values import ClientValues

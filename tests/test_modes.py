@@ -196,18 +196,8 @@ def _np_fedavg_loss(eta, alpha, w, Xs, ys, K, lr):
 
 
 def _fedavg(K, lr):
-    def client_loss(w, X, y):
-        z = X @ w
-        return fnp.mean(fnp.logaddexp(0.0, z) - y * z)
-
-    @fad.trace
-    def after_round(eta, alpha, w, X, y):
-        wc = local = fad.broadcast(w)
-        for _ in range(K):
-            local = local - lr * fad.grad(client_loss)(local, X, y)
-        w_new = w - eta * fad.weighted_mean(wc - local, alpha)
-        return fad.mean(client_loss(fad.broadcast(w_new), X, y))
-    return after_round
+    from fadcore.examples import make_fedavg_round
+    return make_fedavg_round(K, lr)
 
 
 def _fedavg_data(rng, sizes=(4, 7, 3, 5), d=3):

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 import fadcore as fad
+from fadcore.examples import make_fedavg_round
 from fadcore import nn, ops
 from fadcore import numpy as fnp
 from fadcore.backends import numba_backend as nb
-from fadcore.backends.inputs import Inputs, prepare_inputs
+from fadcore.backends.inputs import Inputs
 from fadcore.core import primitives
 
 RTOL = 1e-12
@@ -285,7 +286,6 @@ def weighted_loss(w, X, y, alpha):
     return fnp.log(fad.weighted_mean(fnp.mean(r * r), alpha) + 1.0)
 
 
-@pytest.mark.skipif(not hasattr(fad, "grad"), reason="fad.grad not there yet")
 @pytest.mark.parametrize("mode", ["reverse", "forward", "mixed"])
 def test_gradients(rng, rows, mode):
     d = 4
@@ -299,21 +299,8 @@ def test_gradients(rng, rows, mode):
     check(fad.grad(weighted_loss, argnums=argnums, mode=mode), rng.normal(size=d), X, y, alpha)
 
 
-@pytest.mark.skipif(not hasattr(fad, "grad"), reason="fad.grad not there yet")
 def test_fedavg_round_grad_of_grad(rng):
-    K, lr = 3, 0.1
-
-    def client_loss(w, X, y):
-        z = X @ w
-        return fnp.mean(fnp.logaddexp(0.0, z) - y * z)
-
-    def after_round(eta, alpha, w, X, y):
-        wc = local = fad.broadcast(w)
-        for _ in range(K):
-            local = local - lr * fad.grad(client_loss)(local, X, y)
-        w_new = w - eta * fad.weighted_mean(wc - local, alpha)
-        return fad.mean(client_loss(fad.broadcast(w_new), X, y))
-
+    after_round = make_fedavg_round(K=3, client_lr=0.1)
     rows = ROWS[40]
     X = ragged(rng, rows, 5)
     y = fad.clients([(rng.random(r) < 0.5).astype(np.float64) for r in rows])
@@ -329,9 +316,8 @@ def test_every_primitive_was_compared():
     for t in (test_unary, test_binary, test_shapes_and_reductions, test_products, test_gathers,
               test_federated, test_internal_primitives):
         t(rng, rows)
-    if hasattr(fad, "grad"):
-        for mode in ("reverse", "forward", "mixed"):
-            test_gradients(rng, rows, mode)
+    for mode in ("reverse", "forward", "mixed"):
+        test_gradients(rng, rows, mode)
     missing = sorted(set(primitives) - SEEN)
     assert not missing, f"primitives no comparison test exercised: {missing}"
 
@@ -345,9 +331,8 @@ def test_float32_graph(rng):
     w = rng.normal(size=4).astype(np.float32)
     out = check(fed_mse, w, X, y, rtol=2e-6)
     assert out.dtype == np.float32
-    if hasattr(fad, "grad"):
-        g = check(fad.grad(fed_mse), w, X, y, rtol=2e-5)
-        assert g.dtype == np.float32
+    g = check(fad.grad(fed_mse), w, X, y, rtol=2e-5)
+    assert g.dtype == np.float32
 
 
 def test_int_and_bool_outputs(rng):
@@ -370,10 +355,9 @@ def test_ten_thousand_clients(rng):
     Xc, yc = fad.clients(X), fad.clients(y)
     got = check(fed_mse, w, Xc, yc)
     np.testing.assert_allclose(got, np.mean(np.mean((X @ w - y) ** 2, axis=1)), rtol=RTOL)
-    if hasattr(fad, "grad"):
-        g = fad.run(fad.grad(fed_mse).graph(w, Xc, yc), w, Xc, yc, backend="numba")
-        want = np.einsum("ci,cij->j", 2.0 * (X @ w - y), X) / (n * r)
-        np.testing.assert_allclose(g, want, rtol=1e-11)
+    g = fad.run(fad.grad(fed_mse).graph(w, Xc, yc), w, Xc, yc, backend="numba")
+    want = np.einsum("ci,cij->j", 2.0 * (X @ w - y), X) / (n * r)
+    np.testing.assert_allclose(g, want, rtol=1e-11)
 
 
 def test_buffers_follow_the_live_set():
@@ -396,8 +380,6 @@ def test_buffers_follow_the_live_set():
 
 def test_cotangent_fused_into_one_client_pass():
     """grad of a mean of client losses: forward and backward in one client stage."""
-    if not hasattr(fad, "grad"):
-        pytest.skip("fad.grad not there yet")
     g = fad.grad(fed_mse).graph(fad.f64[8] @ fad.SERVER, fad.f64[None, 8] @ fad.CLIENTS,
                                 fad.f64[None] @ fad.CLIENTS)
     prog = nb.lower(g)

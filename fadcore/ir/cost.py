@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ShapeError
-from .graph import Graph, Literal, Var
+from .graph import Graph
 from .rounds import rounds as decompose
 from .types import CLIENTS
 
