@@ -352,3 +352,16 @@ def test_num_clients_without_client_arguments_needs_a_count():
             fad.run(g, np.ones(2), backend=backend)
         np.testing.assert_array_equal(fad.run(g, np.ones(2), backend=backend, num_clients=3),
                                       [3.0, 3.0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+def test_bad_data_is_a_shape_error_naming_client_and_line(backend):
+    """Data the types cannot rule out (labels out of range, a client with no rows) is reported
+    by every backend as a ShapeError naming the primitive, the user's line and the client."""
+    f = fad.trace(lambda X, lab: fad.mean(fnp.mean(fad.nn.softmax_cross_entropy(X, lab))))
+    X = fad.clients([np.zeros((2, 3)), np.zeros((1, 3))])
+    with pytest.raises(fad.ShapeError, match=r"take_along_axis \(from test_errors.py:\d+.*client 0"):
+        f.run(X, fad.clients([np.array([0, 5]), np.array([1])]), backend=backend)
+    g = fad.trace(lambda X: fad.mean(fnp.max(X)))
+    with pytest.raises(fad.ShapeError, match=r"reduce_max \(from test_errors.py:\d+.*client 1"):
+        g.run(fad.clients([np.zeros((2, 3)), np.zeros((0, 3))]), backend=backend)

@@ -6,11 +6,13 @@ speed. Client values are Python lists of per-client arrays.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import ops
 from ..core import impl_rules
-from ..errors import LoweringError
+from ..errors import LoweringError, ShapeError
 from ..ir.graph import Graph, Literal
 from ..ir.types import CLIENTS
 from ..values import ClientValues
@@ -72,13 +74,16 @@ def execute(graph: Graph, inputs: Inputs) -> list:
         if e.out.type.placement is CLIENTS:
             client = [not isinstance(a, Literal) and a.type.placement is CLIENTS
                       for a in e.inputs]
-            env[e.out] = [
-                _cast(impl(*[v[i] if c else v for v, c in zip(args, client)],
-                           **_resolve(e.prim, e.params, None if rows is None else rows[i])),
-                      e.out.type, None if rows is None else int(rows[i]), e)
-                for i in range(n)]
+            outs = []
+            for i in range(n):
+                r = None if rows is None else int(rows[i])
+                with _data_errors(e, i):
+                    outs.append(_cast(impl(*[v[i] if c else v for v, c in zip(args, client)],
+                                           **_resolve(e.prim, e.params, r)), e.out.type, r, e))
+            env[e.out] = outs
         else:
-            env[e.out] = _cast(impl(*args, **e.params), e.out.type, None, e)
+            with _data_errors(e, None):
+                env[e.out] = _cast(impl(*args, **e.params), e.out.type, None, e)
     outs = []
     for a, t in zip(graph.outputs, graph.out_types):
         v = read(a)
@@ -87,6 +92,18 @@ def execute(graph: Graph, inputs: Inputs) -> list:
         else:
             outs.append(np.asarray(v, dtype=t.dtype.np))
     return outs
+
+
+@contextlib.contextmanager
+def _data_errors(e, client):
+    """Errors the data causes (an index out of range, a reduction over a client with no rows)
+    become a ShapeError naming the equation, its source line and the client."""
+    try:
+        yield
+    except (IndexError, ValueError) as err:
+        where = f" at client {client}" if client is not None else " at the server"
+        src = f" (from {e.source})" if e.source else ""
+        raise ShapeError(f"{e.prim.name}{src}{where}: {err}") from None
 
 
 def _cast(x, t, rows=None, eqn=None):
