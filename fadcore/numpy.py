@@ -440,6 +440,17 @@ def _index(x, key):
         key = key[:i] + (slice(None),) * (xt.ndim - n_real) + key[i + 1:]
     else:
         key = key + (slice(None),) * (xt.ndim - n_real)
+    # negative steps (x[::-1]) gather the positions they select along that axis
+    axis, rebuilt = 0, []
+    for k in key:
+        if k is not None:
+            d = xt.shape[axis]
+            if isinstance(k, slice) and d is not None and k.indices(d)[2] < 0:
+                x = ops.take(x, np.arange(d, dtype=np.int64)[k], axis)
+                k = slice(None)
+            axis += 1
+        rebuilt.append(k)
+    key, xt = tuple(rebuilt), _type(x)
     starts, limits, strides, out_shape = [], [], [], []
     axis = 0
     for k in key:
@@ -455,8 +466,6 @@ def _index(x, key):
                 out_shape.append(None)
             else:
                 s, l, st = k.indices(d)
-                if st < 0:
-                    raise ShapeError("negative slice steps are not supported")
                 l = builtins.max(l, s)
                 starts.append(s), limits.append(l), strides.append(st)
                 out_shape.append(len(range(s, l, st)))

@@ -653,3 +653,15 @@ def test_every_primitive_is_evaluated():
     missing = sorted(set(primitives) - used)
     assert not missing, (
         f"primitives without an evaluation test: {missing}; add a case to tests/test_ops_eval.py")
+
+
+def test_negative_step_slices(rng):
+    """x[::-1], x[..., ::-2], x[2:0:-1] follow NumPy (a gather), on the server and at clients."""
+    x = np.arange(24.0).reshape(2, 3, 4)
+    for key in [(slice(None, None, -1),), (Ellipsis, slice(None, None, -2)),
+                (0, slice(2, 0, -1), slice(None)), (slice(None), None, slice(None, None, -1), 1)]:
+        np.testing.assert_array_equal(fnp._index(x, key), x[key])
+    X = [rng.normal(size=(n, 4)) for n in (2, 5)]
+    f = fad.trace(lambda X: X[:, ::-1] * X[:, 1:3][:, ::-1].sum())
+    for got, x in zip(f.run(fad.clients(X), backend="reference"), X):
+        np.testing.assert_allclose(got, x[:, ::-1] * x[:, 1:3][:, ::-1].sum(), rtol=1e-15)
