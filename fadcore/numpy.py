@@ -83,7 +83,10 @@ def broadcast_shapes(*shapes) -> tuple:
                 "operands could not be broadcast together with shapes "
                 + " ".join("[" + ",".join("?" if d is None else str(d) for d in s) + "]"
                            for s in shapes)
-                + (" (a ragged ? dimension only broadcasts with 1 or ?)" if None in dims else ""))
+                + (" (a ragged ? dimension, a client's row count, only broadcasts with 1 or ?; "
+                   "client values whose members all have the same number of rows get a fixed "
+                   "size: pass fad.clients(..., ragged=True) for per-row data)"
+                   if None in dims else ""))
         out.append(dims.pop() if dims else 1)
     return tuple(out)
 

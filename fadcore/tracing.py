@@ -78,14 +78,16 @@ class TracedFunction:
                 "exists only inside that trace")
         return graph
 
-    def __call__(self, *args):
+    def __call__(self, *args, num_clients: int | None = None):
+        """Run on values (``num_clients=`` for a function with no client-placed argument), or
+        inline into the enclosing trace when called on traced values."""
         tree, types, leaves = signature(args)
         graph, captured = self._graph_for(tree, types)
         if current_builder() is not None or any(isinstance(x, Tracer) for x in leaves):
             outs = inline(graph, list(leaves) + list(captured))
             return pytree.unflatten(graph.out_tree, outs)
         from .backends import run_flat
-        return pytree.unflatten(graph.out_tree, run_flat(graph, leaves))
+        return pytree.unflatten(graph.out_tree, run_flat(graph, leaves, num_clients=num_clients))
 
     def run(self, *args, backend: str | None = None, **kw):
         """Run with an explicit backend (``"numba"``, ``"reference"``, ``"dask"``)."""

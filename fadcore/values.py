@@ -20,9 +20,9 @@ class ClientValues:
     every member has the same shape).
     """
 
-    __slots__ = ("members", "all_equal", "_shapes", "_type")
+    __slots__ = ("members", "all_equal", "ragged", "_shapes", "_type")
 
-    def __init__(self, members: Iterable, all_equal: bool = False):
+    def __init__(self, members: Iterable, all_equal: bool = False, ragged: bool = False):
         ms = [np.asarray(m) for m in members]
         ms = [m if m.flags.c_contiguous else m.copy() for m in ms]
         if not ms:
@@ -35,8 +35,11 @@ class ClientValues:
             raise ShapeError(f"fad.clients: members have different ranks {sorted(nds)}")
         if ms[0].dtype == np.float16 or ms[0].dtype.kind not in "fib":
             raise DTypeError(f"fad.clients: dtype {ms[0].dtype} is not supported")
+        if ragged and ms[0].ndim == 0:
+            raise ShapeError("fad.clients(..., ragged=True): scalar members have no rows")
         self.members = ms
         self.all_equal = all_equal
+        self.ragged = ragged
         self._shapes = None
         self._type = None
 
@@ -48,6 +51,7 @@ class ClientValues:
         self = object.__new__(cls)
         self.members = members
         self.all_equal = all_equal
+        self.ragged = False
         self._shapes = shapes
         self._type = None
         return self
@@ -58,8 +62,11 @@ class ClientValues:
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return ClientValues(self.members[i])
-        return self.members[i]
+            return ClientValues(self.members[i], ragged=self.ragged)
+        try:
+            return self.members[i]
+        except IndexError:
+            raise IndexError(f"client {i} out of range for {len(self)} clients") from None
 
     def __iter__(self):
         return iter(self.members)
@@ -98,14 +105,15 @@ class ClientValues:
         """Federated type: dims on which the members differ are ragged (``?``)."""
         if self._type is None:
             s = self.shapes
-            shape = tuple(int(s[0, i]) if (s[:, i] == s[0, i]).all() else None
-                          for i in range(s.shape[1]))
+            shape = tuple(None if (i == 0 and self.ragged) or not (s[:, i] == s[0, i]).all()
+                          else int(s[0, i]) for i in range(s.shape[1]))
             self._type = FederatedType(TensorType(dtype_of(self.dtype), shape), CLIENTS,
                                        self.all_equal)
         return self._type
 
     def __repr__(self) -> str:
-        return f"fad.clients({len(self)} members, {self.type})"
+        n = len(self)
+        return f"fad.clients({n} member{'' if n == 1 else 's'}, {self.type})"
 
     def __eq__(self, other):
         return NotImplemented
@@ -113,13 +121,18 @@ class ClientValues:
     __hash__ = None
 
 
-def clients(values, all_equal: bool = False) -> ClientValues:
+def clients(values, all_equal: bool = False, ragged: bool = False) -> ClientValues:
     """Client-placed data: a list with one array per client, or an array whose first axis
-    indexes clients."""
+    indexes clients.
+
+    Dimensions on which the members differ are typed ``?`` (the client's row count).
+    ``ragged=True`` types the members' first axis ``?`` even when every client happens to hold
+    the same number of rows: use it for per-row data (features, labels) so that its type, and
+    the graph traced for it, do not depend on whether a cohort's sizes happen to agree."""
     if isinstance(values, ClientValues):
-        return values
+        return values if not ragged or values.ragged else ClientValues(
+            values.members, values.all_equal, ragged=True)
     if isinstance(values, np.ndarray):
         if values.ndim == 0:
             raise ShapeError("fad.clients: a stacked array needs a leading clients axis")
-        return ClientValues(list(values), all_equal)
-    return ClientValues(list(values), all_equal)
+    return ClientValues(list(values), all_equal, ragged)

@@ -197,3 +197,35 @@ def test_pickle_keeps_singletons_and_rules():
     g2 = pickle.loads(pickle.dumps(g))
     assert str(g2) == str(g)
     np.testing.assert_array_equal(fad.run(g2, *args), fad.run(g, *args))
+
+
+def test_clients_ragged_flag_types_rows_as_the_row_count():
+    same = [np.ones((3, 2)), np.ones((3, 2))]
+    assert str(fad.clients(same).type) == "{f64[3,2]}@CLIENTS"
+    assert str(fad.clients(same, ragged=True).type) == "{f64[?,2]}@CLIENTS"
+    assert fad.clients(same, ragged=True)[0:1].ragged
+    with pytest.raises(fad.ShapeError, match="scalar members have no rows"):
+        fad.clients([np.float64(1.0)], ragged=True)
+    with pytest.raises(IndexError, match="client 5 out of range for 2 clients"):
+        fad.clients(same)[5]
+    assert repr(fad.clients(same[:1])).startswith("fad.clients(1 member,")
+
+
+def test_ragged_flag_lets_equal_cohorts_share_the_ragged_graph():
+    from fadcore.examples import fed_mse
+    X = fad.clients([np.ones((2, 4)), np.ones((3, 4))])
+    y_fixed = fad.clients([np.ones(3), np.ones(3)])
+    with pytest.raises(fad.ShapeError, match=r"ragged=True"):
+        fed_mse(np.ones(4), X, y_fixed)
+    Xr = fad.clients([np.ones((3, 4)), 2 * np.ones((3, 4))], ragged=True)
+    yr = fad.clients([np.ones(3), np.ones(3)], ragged=True)
+    assert fed_mse.graph(np.ones(4), Xr, yr) is fed_mse.graph(
+        np.ones(4), X, fad.clients([np.ones(2), np.ones(3)]))
+    np.testing.assert_allclose(fed_mse(np.ones(4), Xr, yr), (9.0 + 49.0) / 2)
+
+
+def test_traced_call_takes_num_clients():
+    f = fad.trace(lambda w: fad.num_clients() * w)
+    np.testing.assert_array_equal(f(np.ones(2), num_clients=4), [4.0, 4.0])
+    with pytest.raises(fad.CardinalityError, match="pass num_clients="):
+        f(np.ones(2))

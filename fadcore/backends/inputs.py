@@ -94,7 +94,7 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
     if n is None and _uses_clients(graph):
         raise CardinalityError(
             f"{graph.name} runs at CLIENTS but no argument is client-placed: pass num_clients= "
-            "to fad.run")
+            "(to fad.run, or to the traced function's call)")
     if n is not None and n < 1:
         raise CardinalityError("a federated computation needs at least one client")
     return Inputs(values, n, rows)
