@@ -83,9 +83,9 @@ def broadcast_shapes(*shapes) -> tuple:
                 "operands could not be broadcast together with shapes "
                 + " ".join("[" + ",".join("?" if d is None else str(d) for d in s) + "]"
                            for s in shapes)
-                + (" (a ragged ? dimension, a client's row count, only broadcasts with 1 or ?; "
-                   "client values whose members all have the same number of rows get a fixed "
-                   "size: pass fad.clients(..., ragged=True) for per-row data)"
+                + (" (a ragged ? dimension, a client's row count, only broadcasts with 1 or ?: "
+                   "align the row axes, e.g. y[:, None]; per-row data whose clients happen to "
+                   "agree on their sizes is typed ? with fad.clients(..., ragged=True))"
                    if None in dims else ""))
         out.append(dims.pop() if dims else 1)
     return tuple(out)
