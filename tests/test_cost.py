@@ -183,3 +183,22 @@ def test_inspect_cli(capsys):
     for name in ("primal", "reverse", "reverse/remat", "forward", "mixed", "auto"):
         assert f"== {name}:" in out
     assert "boundary 0 (mean): pushforward" in out
+
+
+def test_auto_finds_savings_that_need_several_boundaries():
+    """The outer gradient of |∇_forward mse|²: its three mean boundaries sit in one round, so
+    pushing any one forward alone saves nothing, all three together save the second round."""
+    def mse(w, X, y):
+        r = X @ fad.broadcast(w) - y
+        return fad.mean(fad.numpy.mean(r * r))
+
+    @fad.trace
+    def outer(w, X, y):
+        return fad.numpy.sum(fad.grad(mse, mode="forward")(w, X, y) ** 2)
+
+    args = data(3)
+    g = fad.grad(outer, mode="auto").graph(*args)
+    assert fad.cost(g, clients=10, rows=7).rounds == 1
+    assert fad.cost(fad.grad(outer).graph(*args), clients=10, rows=7).rounds == 2
+    assert "together" in fad.explain(g)
+    np.testing.assert_allclose(fad.run(g, *args), fad.grad(outer)(*args), rtol=1e-12)

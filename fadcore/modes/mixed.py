@@ -17,7 +17,8 @@ computed at the clients anyway) and the aggregate is small (``MAX_PUSHFORWARD`` 
 
 ``mode="mixed"`` pushes forward wherever possible (fewest rounds); ``boundaries=`` overrides per
 boundary. ``mode="auto"`` starts from all-reverse and flips boundaries greedily while the
-weighted cost (:class:`CostWeights`) falls, recording why in ``graph.meta["auto"]``.
+weighted cost (:class:`CostWeights`) falls, then also tries pushing every feasible boundary
+forward at once, recording why in ``graph.meta["boundaries"]`` (``fad.explain``).
 """
 
 from __future__ import annotations
@@ -240,6 +241,19 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
             else:
                 entry["reason"] = f"weighted cost {total:.6g} >= {best:.6g}"
             report.append(entry)
+        # single flips can miss a saving that needs several boundaries to change together (a
+        # round disappears only when all its backward broadcasts do): try them all at once too
+        every = {bd.index: "pushforward" if bd.feasible else "reverse" for bd in bds}
+        if every != choice:
+            eg = build(every)
+            total = w.total(cost(eg, w.clients, w.rows))
+            if total < best:
+                for entry in report:
+                    if every[entry["boundary"]] == "pushforward" and entry["choice"] != "pushforward":
+                        entry["choice"] = "pushforward"
+                        entry["reason"] = (f"pushed forward together with the other feasible "
+                                           f"boundaries: weighted cost {total:.6g} < {best:.6g}")
+                choice, g, best = every, eg, total
     g.meta["boundaries"] = report
     return g
 
