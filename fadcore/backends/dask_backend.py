@@ -430,11 +430,20 @@ def default_client() -> "distributed.Client":
         if c is not None and c.status == "running":
             return c
         shutdown(_locked=True)
-        cluster = distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"},
-            # no dashboard; the scheduler's health/metrics HTTP routes on a free loopback port
-            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+        try:
+            cluster = distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"},
+                # no dashboard; the scheduler's health/metrics HTTP routes on a free loopback port
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+        except Exception as err:
+            raise FadError(
+                "backend='dask' could not start its default LocalCluster (worker processes "
+                f"failed to start: {type(err).__name__}: {err}). Worker processes re-import "
+                "the main script: put the code that runs the graph under "
+                "`if __name__ == \"__main__\":`, or pass your own cluster with "
+                "fad.run(..., backend='dask', client=distributed.Client(processes=False))"
+            ) from err
         c = distributed.Client(cluster, set_as_default=False)
         _DEFAULT.update(cluster=cluster, client=c)
         if not _DEFAULT.get("atexit"):
