@@ -220,9 +220,8 @@ def test_backends_agree_with_reference(prog):
 
 @pytest.fixture(scope="module")
 def dask_client():
-    pytest.importorskip("distributed")
-    if "dask" not in available():
-        pytest.skip("the dask backend is not available")
+    pytest.importorskip("distributed")              # the optional [dask] extra
+    assert "dask" in available(), "distributed is installed but the dask backend fails to import"
     from fadcore.backends import dask_backend
     client = dask_backend.default_client()
     client.wait_for_workers(2, timeout=60)
