@@ -1,6 +1,7 @@
-"""Primitives, binding, tracers and graph builders.
+"""Binding, tracers and graph builders.
 
-Every operation fadcore knows is a :class:`Primitive`. Applying one goes through :func:`bind`:
+Every operation fadcore knows is a :class:`Primitive` (declared, with its typed metadata, in
+:mod:`fadcore.ir.primitives`). Applying one goes through :func:`bind`:
 with traced operands it records an equation in the innermost active :class:`Builder`; with
 constant operands only (and outside any trace) it evaluates eagerly with the NumPy reference
 rule. The rule tables (``impl_rules``, ``jvp_rules``, ``transpose_rules``) are plain dicts
@@ -18,6 +19,7 @@ import numpy as np
 
 from .errors import FadError, PlacementError, ShapeError, TracingError
 from .ir.graph import Eqn, Graph, Literal, Var
+from .ir.primitives import Comm, Primitive, check_placements, infer_type, primitives, set_bind
 from .ir.types import CLIENTS, SERVER, FederatedType, TensorType
 
 __all__ = [
@@ -27,52 +29,9 @@ __all__ = [
 
 # --------------------------------------------------------------------------- rule tables
 
-impl_rules: dict["Primitive", Callable] = {}
-jvp_rules: dict["Primitive", Callable] = {}
-transpose_rules: dict["Primitive", Callable] = {}
-primitives: dict[str, "Primitive"] = {}
-
-
-class Primitive:
-    """A named operation.
-
-    ``kind`` is ``"local"`` (runs where its operands live, per client at CLIENTS) or
-    ``"federated"`` (moves values between placements, or is otherwise placement-aware).
-    Local primitives give a ``shape_rule(*tensor_types, **params) -> TensorType``; federated
-    ones a ``type_rule(*federated_types, **params) -> FederatedType``.
-    ``shape_params`` names params holding a shape (or one dimension) that may contain ``None``,
-    resolved to the client's row count when run.
-    """
-
-    __slots__ = ("name", "kind", "shape_rule", "type_rule", "shape_params", "differentiable",
-                 "__weakref__")
-
-    def __init__(self, name: str, kind: str = "local", *, shape_rule=None, type_rule=None,
-                 shape_params: tuple = (), differentiable: bool = True):
-        if name in primitives:
-            raise ValueError(f"primitive {name!r} defined twice")
-        self.name = name
-        self.kind = kind
-        self.shape_rule = shape_rule
-        self.type_rule = type_rule
-        self.shape_params = shape_params
-        self.differentiable = differentiable
-        primitives[name] = self
-
-    def __repr__(self) -> str:
-        return self.name
-
-    def bind(self, *args, **params):
-        return bind(self, *args, **params)
-
-    def __reduce__(self):
-        # pickled by name: the rule tables are keyed by the registered object
-        return (_primitive_named, (self.name,))
-
-
-def _primitive_named(name: str) -> "Primitive":
-    from . import ops  # noqa: F401  (registers the primitives)
-    return primitives[name]
+impl_rules: dict[Primitive, Callable] = {}
+jvp_rules: dict[Primitive, Callable] = {}
+transpose_rules: dict[Primitive, Callable] = {}
 
 
 # --------------------------------------------------------------------------- source lines
@@ -113,44 +72,6 @@ def at_source(source: str | None) -> str:
 def atom_in_type(a) -> FederatedType | TensorType:
     """Federated type of a Var, bare tensor type of a Literal (it has no placement)."""
     return a.type
-
-
-def check_placements(name: str, in_types: list, source: str | None = None) -> None:
-    """Raise :class:`PlacementError` if the operands of local op ``name`` mix placements."""
-    placed = [(i, t) for i, t in enumerate(in_types) if isinstance(t, FederatedType)]
-    if len({t.placement for _, t in placed}) > 1:
-        (i, a), (j, b) = next((p, q) for p in placed for q in placed
-                              if p[1].placement is SERVER and q[1].placement is CLIENTS)
-        raise PlacementError(
-            f"{name}: operand {i + 1} is {a} but operand {j + 1} is {b}{at_source(source)}. "
-            "Local operations need all operands at one placement: move the server value to the "
-            "clients with fad.broadcast(...), or aggregate the client value to the server with "
-            "fad.sum/fad.mean/fad.weighted_mean/fad.secure_sum.")
-
-
-def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None = None):
-    """Type of ``prim`` applied to atoms of ``in_types`` (FederatedType or TensorType)."""
-    if prim.kind == "federated":
-        fed = [t if isinstance(t, FederatedType) else FederatedType(t, SERVER, True)
-               for t in in_types]
-        return prim.type_rule(*fed, **params)
-    placed = [(i, t) for i, t in enumerate(in_types) if isinstance(t, FederatedType)]
-    placements = {t.placement for _, t in placed}
-    check_placements(prim.name, in_types, source)
-    tensors = [t.tensor if isinstance(t, FederatedType) else t for t in in_types]
-    try:
-        out = prim.shape_rule(*tensors, **params)
-    except FadError as e:
-        if source and " at " not in str(e):
-            e.args = (f"{e.args[0]}{at_source(source)}",) + e.args[1:]
-        raise
-    placement = placements.pop() if placements else SERVER
-    # members are equal only if the operands' are, and no client's row count (?) shapes them
-    all_equal = all(t.all_equal for _, t in placed) and not out.ragged
-    if not placed and out.ragged:
-        # constants shaped by a client's row count (e.g. broadcast to [?,3]): one per client
-        placement, all_equal = CLIENTS, False
-    return FederatedType(out, placement, all_equal)
 
 
 # --------------------------------------------------------------------------- tracers
@@ -288,7 +209,7 @@ def bind(prim: Primitive, *args, **params):
                 f"{prim.name}: a traced value escaped the function it was traced in (a leaked "
                 "tracer); return it from that function instead of storing it")
         builder = _stack[-1]
-    if builder is None and (prim.kind == "federated"):
+    if builder is None and (prim.comm is not Comm.LOCAL):
         builder = current_builder()
         if builder is None:
             raise TracingError(
@@ -302,7 +223,7 @@ def bind(prim: Primitive, *args, **params):
     atoms = [builder.atom(a) for a in args]
     in_types = [a.type for a in atoms]
     out_type = infer_type(prim, in_types, params, source)
-    if (prim.kind == "local" and out_type.placement is SERVER
+    if (prim.comm is Comm.LOCAL and out_type.placement is SERVER
             and all(isinstance(a, Literal) for a in atoms)):
         return _eager(prim, [a.value for a in atoms], params)
     return builder.add(prim, atoms, out_type, params, source)
@@ -366,3 +287,6 @@ def inline(graph: Graph, args: list) -> list:
         with source_scope(e.source):
             env[e.out] = bind(e.prim, *[read(a) for a in e.inputs], **e.params)
     return [read(a) for a in graph.outputs]
+
+
+set_bind(bind)

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import Primitive, bind, impl_rules, jvp_rules, transpose_rules
-from .errors import DTypeError, PlacementError, ShapeError
+from .core import bind, impl_rules, jvp_rules, transpose_rules
+from .errors import DTypeError, ShapeError
+from .ir.primitives import (AGGREGATIONS, Comm, CostClass, Primitive, after_p,  # noqa: F401
+                            broadcast_p, mean_p, need_float, need_numeric, num_clients_p,
+                            secure_sum_p, sum_p, weighted_mean_p)
 from .ir.graph import Literal
 from .ir.types import (CLIENTS, SERVER, FederatedType, TensorType, bool_, dtype_of, f64, i64)
 
@@ -92,16 +95,7 @@ def _norm_axes(axes, ndim: int, name: str) -> tuple:
     return tuple(sorted(out))
 
 
-def _need_float(name: str, *ts: TensorType) -> None:
-    for t in ts:
-        if not t.dtype.is_float:
-            raise DTypeError(f"{name}: needs a floating-point operand, got {t}")
-
-
-def _need_numeric(name: str, *ts: TensorType) -> None:
-    for t in ts:
-        if t.dtype is bool_:
-            raise DTypeError(f"{name}: needs a numeric operand, got {t}")
+_need_float, _need_numeric = need_float, need_numeric
 
 
 def _common_shape(name: str, *ts: TensorType) -> tuple:
@@ -172,9 +166,11 @@ def _unary_shape(name, float_only=True):
     return rule
 
 
-def _unary(name: str, impl, deriv=None, float_only=True) -> Primitive:
+def _unary(name: str, impl, deriv=None, float_only=True,
+           cost=CostClass.TRANSCENDENTAL) -> Primitive:
     """An elementwise unary primitive; ``deriv(x, out)`` is its derivative (None: zero)."""
-    p = Primitive(name, shape_rule=_unary_shape(name, float_only))
+    p = Primitive(name, shape_rule=_unary_shape(name, float_only), cost=cost,
+                  differentiable=deriv is not None)
     impl_rules[p] = impl
 
     def jvp(primals, tangents):
@@ -207,8 +203,9 @@ tanh_p = _unary("tanh", np.tanh, lambda x, y: sub(1.0, mul(y, y)))
 logistic_p = _unary("logistic", _sigmoid, lambda x, y: mul(y, sub(1.0, y)))
 sin_p = _unary("sin", np.sin, lambda x, y: cos(x))
 cos_p = _unary("cos", np.cos, lambda x, y: neg(sin(x)))
-sign_p = _unary("sign", np.sign, None, float_only=False)
-abs_p = _unary("abs", np.abs, lambda x, y: sign(x), float_only=False)
+sign_p = _unary("sign", np.sign, None, float_only=False, cost=CostClass.ELEMENTWISE)
+abs_p = _unary("abs", np.abs, lambda x, y: sign(x), float_only=False,
+               cost=CostClass.ELEMENTWISE)
 
 
 def neg(x): return bind(neg_p, x)
@@ -235,8 +232,8 @@ def _binary_shape(name, float_only=False, out_dtype=None):
     return rule
 
 
-def _binary(name, impl, float_only=False) -> Primitive:
-    p = Primitive(name, shape_rule=_binary_shape(name, float_only))
+def _binary(name, impl, float_only=False, cost=CostClass.ELEMENTWISE) -> Primitive:
+    p = Primitive(name, shape_rule=_binary_shape(name, float_only), cost=cost)
     impl_rules[p] = impl
     return p
 
@@ -245,10 +242,11 @@ add_p = _binary("add", np.add)
 sub_p = _binary("sub", np.subtract)
 mul_p = _binary("mul", np.multiply)
 div_p = _binary("div", np.divide, float_only=True)
-pow_p = _binary("pow", np.power, float_only=True)
+pow_p = _binary("pow", np.power, float_only=True, cost=CostClass.TRANSCENDENTAL)
 max_p = _binary("max", np.maximum)
 min_p = _binary("min", np.minimum)
-logaddexp_p = _binary("logaddexp", np.logaddexp, float_only=True)
+logaddexp_p = _binary("logaddexp", np.logaddexp, float_only=True,
+                      cost=CostClass.TRANSCENDENTAL)
 
 
 def _weak(x, y):
@@ -530,7 +528,8 @@ def _convert_jvp(primals, tangents, *, dtype):
 jvp_rules[convert_p] = _convert_jvp
 transpose_rules[convert_p] = lambda ct, x, *, dtype: [convert(ct, x.type.dtype)]
 
-stop_gradient_p = Primitive("stop_gradient", shape_rule=lambda x: x)
+stop_gradient_p = Primitive("stop_gradient", shape_rule=lambda x: x, differentiable=False,
+                            alias=True, cost=CostClass.FREE)
 impl_rules[stop_gradient_p] = lambda x: x
 jvp_rules[stop_gradient_p] = lambda primals, tangents: _no_tangent(stop_gradient_p, primals)
 
@@ -539,7 +538,8 @@ def stop_gradient(x):
     return bind(stop_gradient_p, x)
 
 
-zeros_like_p = Primitive("zeros_like", shape_rule=lambda x: x, differentiable=False)
+zeros_like_p = Primitive("zeros_like", shape_rule=lambda x: x, differentiable=False,
+                         cost=CostClass.FREE)
 impl_rules[zeros_like_p] = np.zeros_like
 jvp_rules[zeros_like_p] = lambda primals, tangents: _no_tangent(zeros_like_p, primals)
 
@@ -555,9 +555,11 @@ def _reduce_shape(name):
     return rule
 
 
-reduce_sum_p = Primitive("reduce_sum", shape_rule=_reduce_shape("reduce_sum"))
+reduce_sum_p = Primitive("reduce_sum", shape_rule=_reduce_shape("reduce_sum"),
+                         cost=CostClass.REDUCTION)
 impl_rules[reduce_sum_p] = lambda x, *, axes: np.asarray(np.sum(x, axis=axes), dtype=x.dtype)
-reduce_max_p = Primitive("reduce_max", shape_rule=_reduce_shape("reduce_max"))
+reduce_max_p = Primitive("reduce_max", shape_rule=_reduce_shape("reduce_max"),
+                         cost=CostClass.REDUCTION)
 impl_rules[reduce_max_p] = lambda x, *, axes: np.asarray(np.max(x, axis=axes))
 
 
@@ -602,7 +604,8 @@ def _argmax_shape(x: TensorType, *, axis) -> TensorType:
     return TensorType(i64, tuple(d for i, d in enumerate(x.shape) if i != axis))
 
 
-argmax_p = Primitive("argmax", shape_rule=_argmax_shape, differentiable=False)
+argmax_p = Primitive("argmax", shape_rule=_argmax_shape, differentiable=False,
+                     cost=CostClass.REDUCTION)
 impl_rules[argmax_p] = lambda x, *, axis: np.asarray(np.argmax(x, axis=axis), dtype=np.int64)
 jvp_rules[argmax_p] = lambda p, t, *, axis: _no_tangent(argmax_p, p, axis=axis)
 
@@ -679,7 +682,8 @@ def _reshape_shape(x: TensorType, *, shape) -> TensorType:
     return TensorType(x.dtype, tuple(shape))
 
 
-reshape_p = Primitive("reshape", shape_rule=_reshape_shape, shape_params=("shape",))
+reshape_p = Primitive("reshape", shape_rule=_reshape_shape, shape_params=("shape",),
+                      alias=True, cost=CostClass.FREE)
 impl_rules[reshape_p] = lambda x, *, shape: np.reshape(x, shape)
 
 
@@ -756,10 +760,10 @@ def _outer_shape(a, b):
     return TensorType(_same_dtype("outer", a, b), (a.shape[0], b.shape[0]))
 
 
-matmul_p = Primitive("matmul", shape_rule=_matmul_shape)
-matvec_p = Primitive("matvec", shape_rule=_matvec_shape)
-vecmat_p = Primitive("vecmat", shape_rule=_vecmat_shape)
-vdot_p = Primitive("vdot", shape_rule=_vdot_shape)
+matmul_p = Primitive("matmul", shape_rule=_matmul_shape, cost=CostClass.CONTRACTION)
+matvec_p = Primitive("matvec", shape_rule=_matvec_shape, cost=CostClass.CONTRACTION)
+vecmat_p = Primitive("vecmat", shape_rule=_vecmat_shape, cost=CostClass.CONTRACTION)
+vdot_p = Primitive("vdot", shape_rule=_vdot_shape, cost=CostClass.CONTRACTION)
 outer_p = Primitive("outer", shape_rule=_outer_shape)
 for _p in (matmul_p, matvec_p, vecmat_p, vdot_p):
     impl_rules[_p] = lambda a, b: np.asarray(np.dot(a, b))
@@ -1051,7 +1055,7 @@ def _rows_shape(x: TensorType, *, axis) -> TensorType:
     return TensorType(f64, ())
 
 
-rows_p = Primitive("rows", shape_rule=_rows_shape, differentiable=False)
+rows_p = Primitive("rows", shape_rule=_rows_shape, differentiable=False, cost=CostClass.FREE)
 impl_rules[rows_p] = lambda x, *, axis: np.asarray(float(np.shape(x)[axis]))
 jvp_rules[rows_p] = lambda p, t, *, axis: _no_tangent(rows_p, p, axis=axis)
 
@@ -1063,69 +1067,12 @@ def rows(x):
 
 # --------------------------------------------------------------------------- federated primitives
 
-def _placed(name, x: FederatedType, want) -> None:
-    if x.placement is not want:
-        hint = ("aggregate it first (fad.sum, fad.mean, ...)" if want is SERVER else
-                "broadcast it first (fad.broadcast)")
-        raise PlacementError(f"fad.{name}: expects a value at {want}, got {x}; {hint}")
-
-
-def _not_ragged(name, x: FederatedType) -> None:
-    if x.tensor.ragged:
-        raise ShapeError(
-            f"fad.{name}: cannot aggregate the ragged value {x} (clients hold different numbers "
-            "of rows); reduce the rows first, e.g. fnp.mean(x, axis=0)")
-
-
-def _broadcast_type(x: FederatedType) -> FederatedType:
-    _placed("broadcast", x, SERVER)
-    return FederatedType(x.tensor, CLIENTS, True)
-
-
-def _aggregate_type(name, float_only=False):
-    def rule(x: FederatedType) -> FederatedType:
-        _placed(name, x, CLIENTS)
-        _not_ragged(name, x)
-        (_need_float if float_only else _need_numeric)(f"fad.{name}", x.tensor)
-        return FederatedType(x.tensor, SERVER, True)
-    return rule
-
-
-def _weighted_mean_type(x: FederatedType, w: FederatedType) -> FederatedType:
-    _placed("weighted_mean", x, CLIENTS)
-    _placed("weighted_mean", w, CLIENTS)
-    _not_ragged("weighted_mean", x)
-    _need_float("fad.weighted_mean", x.tensor, w.tensor)
-    if w.shape != ():
-        raise ShapeError(f"fad.weighted_mean: the weight must be one scalar per client, got {w}")
-    if w.dtype is not x.dtype:
-        raise DTypeError(f"fad.weighted_mean: value {x} and weight {w} have different dtypes")
-    return FederatedType(x.tensor, SERVER, True)
-
-
-def _num_clients_type() -> FederatedType:
-    return FederatedType(TensorType(f64, ()), SERVER, True)
-
-
-def _after_type(x: FederatedType, token: FederatedType) -> FederatedType:
-    return x
-
-
 def atom_type(a) -> FederatedType:
     from .ir.graph import atom_type as _at
     return _at(a)
 
 
-broadcast_p = Primitive("broadcast", "federated", type_rule=_broadcast_type)
-sum_p = Primitive("sum", "federated", type_rule=_aggregate_type("sum"))
-mean_p = Primitive("mean", "federated", type_rule=_aggregate_type("mean", float_only=True))
-secure_sum_p = Primitive("secure_sum", "federated", type_rule=_aggregate_type("secure_sum"))
-weighted_mean_p = Primitive("weighted_mean", "federated", type_rule=_weighted_mean_type)
-num_clients_p = Primitive("num_clients", "federated", type_rule=_num_clients_type,
-                          differentiable=False)
-after_p = Primitive("after", "federated", type_rule=_after_type)
-
-AGGREGATIONS = (sum_p, mean_p, secure_sum_p, weighted_mean_p)
+# declared, with their type rules and communication kinds, in fadcore.ir.primitives
 
 
 def broadcast(x): return bind(broadcast_p, x)

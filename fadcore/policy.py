@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .ir.graph import Graph
+from .ir.primitives import AGGREGATIONS, SECURE_AGGREGATIONS
 
 __all__ = ["Policy", "audit"]
 
-_AGG = {"sum", "mean", "weighted_mean", "secure_sum"}
+_AGG = frozenset(p.name for p in AGGREGATIONS)
+_SECURE = frozenset(p.name for p in SECURE_AGGREGATIONS)
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class Policy:
         return self.aggregation == "secure_sum"
 
     def allows(self, prim_name: str) -> bool:
-        return not self.secure or prim_name not in _AGG or prim_name == "secure_sum"
+        return not self.secure or prim_name not in _AGG or prim_name in _SECURE
 
     def __str__(self) -> str:
         return f"Policy(aggregation={self.aggregation!r})"

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import CardinalityError, DTypeError, PlacementError, ShapeError
 from ..ir.graph import Graph
+from ..ir.primitives import Comm
 from ..ir.types import CLIENTS, SERVER
 from ..values import ClientValues
 
@@ -27,7 +28,7 @@ class Inputs:
 def _uses_clients(graph: Graph) -> bool:
     """Whether running the graph needs the number of clients (num_clients counts them too)."""
     return any(v.type.placement is CLIENTS for v in graph.inputs) or any(
-        e.out.type.placement is CLIENTS or (e.prim.kind == "federated" and e.prim.name != "after")
+        e.out.type.placement is CLIENTS or (e.prim.comm is not Comm.LOCAL and e.prim.comm is not Comm.SCHEDULE)
         for e in graph.eqns)
 
 

@@ -36,6 +36,7 @@ from .. import ops
 from ..core import primitives
 from ..errors import CardinalityError, DTypeError, LoweringError, ShapeError
 from ..ir.graph import Graph, Literal, Var
+from ..ir.primitives import AGGREGATIONS, runtime_aliases
 from ..ir.types import CLIENTS, SERVER, TensorType, bool_, f32, f64
 from ..values import ClientValues
 from . import _numba_kernels as K
@@ -56,11 +57,11 @@ OPCODES: dict[str, int] = {
         "untake_along_axis", "one_hot", "rows", "num_clients")
 }
 OPCODES["zeros_like"] = K.OP_ZEROS
-for _agg in ("sum", "secure_sum", "mean", "weighted_mean"):
+for _agg in (p.name for p in AGGREGATIONS):
     OPCODES[_agg] = K.OP_AGGREGATE          # + OP_FINISH on the server side
 
 #: primitives that never become an instruction: the result shares its operand's buffer
-ALIASES = frozenset({"reshape", "stop_gradient", "broadcast", "after"})
+ALIASES = runtime_aliases()
 
 _AGG_MODE = {"sum": K.AG_SUM, "secure_sum": K.AG_SUM, "mean": K.AG_MEAN,
              "weighted_mean": K.AG_WMEAN}

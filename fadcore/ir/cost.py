@@ -13,12 +13,9 @@ from dataclasses import dataclass, field
 
 from ..errors import ShapeError
 from .graph import Graph
+from .primitives import COMMUNICATION, Comm, CostClass
 from .rounds import rounds as decompose
 from .types import CLIENTS
-
-_TRANSCENDENTAL = {"exp", "log", "log1p", "expm1", "tanh", "logistic", "sin", "cos", "pow",
-                   "logaddexp", "sqrt"}
-_FREE = {"reshape", "after", "rows", "num_clients", "zeros_like", "stop_gradient"}
 
 
 @dataclass
@@ -73,7 +70,7 @@ def cost_table(reports: dict) -> str:
     return "\n".join(lines)
 
 
-_COMM = {"broadcast", "sum", "mean", "weighted_mean", "secure_sum"}
+_COMM = frozenset(p.name for p in COMMUNICATION)
 
 
 def _nbytes(t, rows) -> int:
@@ -91,26 +88,23 @@ def _size(t, rows) -> int:
 
 
 def eqn_flops(e, rows) -> int:
-    name = e.prim.name
-    if name in _FREE or name in _COMM:
+    """FLOPs of one equation, by its primitive's cost class."""
+    cls = e.prim.cost
+    if cls in (CostClass.FREE, CostClass.COMMUNICATION):
         return 0
-    ins = [a.type for a in e.inputs]
-    if name in ("matmul", "matvec", "vecmat", "vdot"):
-        a, b = (getattr(t, "tensor", t) for t in ins)
-        k = a.shape[-1] if name != "vecmat" else a.shape[0]
+    if cls is CostClass.CONTRACTION:
+        # the first operand's last axis is the contracted one (matmul, matvec, vecmat, vdot)
+        k = getattr(e.inputs[0].type, "tensor", e.inputs[0].type).shape[-1]
         k = rows if k is None else k
         return 2 * k * _size(e.out.type, rows)
-    if name == "outer":
-        return _size(e.out.type, rows)
-    if name in ("reduce_sum", "reduce_max", "argmax"):
-        return _size(ins[0], rows)
+    if cls is CostClass.REDUCTION:
+        return _size(e.inputs[0].type, rows)
     n = _size(e.out.type, rows)
-    return n * (4 if name in _TRANSCENDENTAL else 1)
+    return n * (4 if cls is CostClass.TRANSCENDENTAL else 1)
 
 
 def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
     """``fad.cost(graph, clients=N, rows=R)``: rounds, bytes, client state and FLOPs."""
-    from ..ops import AGGREGATIONS, broadcast_p, weighted_mean_p
     rs = decompose(graph)
     down = up = 0
     per_round = []
@@ -118,9 +112,8 @@ def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
         d = sum(_nbytes(e.inputs[0].type, rows) for e in r.broadcasts)
         u = 0
         for e in r.aggregations:
-            u += _nbytes(e.inputs[0].type, rows)
-            if e.prim is weighted_mean_p:
-                u += _nbytes(e.inputs[1].type, rows)
+            # every operand goes up (a weighted mean also sends its weight)
+            u += sum(_nbytes(a.type, rows) for a in e.inputs)
         per_round.append((r.index, d, u, sum(_nbytes(v.type, rows) for v, _ in r.state_in)))
         down += d
         up += u
@@ -133,9 +126,9 @@ def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
     cflops = sflops = 0
     for e in graph.eqns:
         f = eqn_flops(e, rows)
-        if e.prim in AGGREGATIONS:
+        if e.prim.is_aggregation:
             sflops += clients * _size(e.out.type, rows)
-        elif e.prim is broadcast_p:
+        elif e.prim.comm is Comm.BROADCAST:
             pass
         elif e.out.type.placement is CLIENTS:
             cflops += f

@@ -16,20 +16,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .graph import Eqn, Graph, Var
+from .primitives import Comm
 from .types import CLIENTS
 
 
-def _aggregations():
-    from ..ops import AGGREGATIONS
-    return AGGREGATIONS
-
-
 def stages(g: Graph) -> dict[Var, int]:
-    aggs = _aggregations()
     st: dict[Var, int] = {v: 0 for v in g.inputs}
     for e in g.eqns:
         s = max((st[a] for a in e.inputs if isinstance(a, Var)), default=0)
-        st[e.out] = s + 1 if e.prim in aggs else s
+        st[e.out] = s + 1 if e.prim.is_aggregation else s
     return st
 
 
@@ -37,7 +32,7 @@ def resident(g: Graph) -> set:
     """Client values computed from the clients' own data alone (and the data itself)."""
     out = {v for v in g.inputs if v.type.placement is CLIENTS}
     for e in g.eqns:
-        if (e.prim.kind == "local" and e.out.type.placement is CLIENTS
+        if (e.prim.comm is Comm.LOCAL and e.out.type.placement is CLIENTS
                 and all(not isinstance(a, Var) or a in out for a in e.inputs)):
             out.add(e.out)
     return out
@@ -45,10 +40,9 @@ def resident(g: Graph) -> set:
 
 def eqn_round(e: Eqn, st: dict) -> int:
     """The round an equation runs in (0: server work before any round)."""
-    from ..ops import AGGREGATIONS, broadcast_p
-    if e.prim in AGGREGATIONS:
+    if e.prim.is_aggregation:
         return st[e.out]
-    if e.out.type.placement is CLIENTS or e.prim is broadcast_p:
+    if e.out.type.placement is CLIENTS or e.prim.comm is Comm.BROADCAST:
         return st[e.out] + 1
     return 0
 
@@ -102,7 +96,6 @@ class Rounds:
 
 
 def rounds(g: Graph) -> Rounds:
-    from ..ops import AGGREGATIONS, broadcast_p
     st = stages(g)
     n = 0
     for e in g.eqns:
@@ -113,9 +106,9 @@ def rounds(g: Graph) -> Rounds:
     local_data = resident(g)
     for e in g.eqns:
         r = eqn_round(e, st)
-        if e.prim is broadcast_p:
+        if e.prim.comm is Comm.BROADCAST:
             rs[r - 1].broadcasts.append(e)
-        elif e.prim in AGGREGATIONS:
+        elif e.prim.is_aggregation:
             rs[r - 1].aggregations.append(e)
         elif e.out.type.placement is CLIENTS:
             rs[r - 1].client.append(e)

@@ -1,7 +1,7 @@
 """A safe, versioned JSON form of graphs: ``to_json(graph)`` and ``from_json(text)``.
 
 No pickle and no evaluation: primitives are looked up by name in
-:data:`fadcore.core.primitives`, dtypes in :data:`fadcore.ir.types.DTYPES`, and every other
+:data:`fadcore.ir.primitives.primitives`, dtypes in :data:`fadcore.ir.types.DTYPES`, and every other
 value is spelled out with an explicit tag. Loading checks everything it reads (structure,
 sizes, types, references) and then runs the verifier, so any malformed, truncated, oversized,
 hostile, wrong-version or ill-typed input raises :class:`fadcore.SerializationError` with a
@@ -46,6 +46,7 @@ import numpy as np
 from .. import pytree
 from ..errors import FadError, SerializationError
 from .graph import Eqn, Graph, Literal, Var
+from .primitives import primitives
 from .types import (CLIENTS, DTYPES, PLACEMENTS, SERVER, DType, FederatedType, Placement,
                     TensorType)
 
@@ -325,7 +326,6 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
     """The JSON text of ``graph`` (see the module docstring for the format).
 
     Whatever it writes, :func:`from_json` reads back: the same limits apply to both."""
-    from ..core import primitives
     if not isinstance(graph, Graph):
         raise SerializationError(f"to_json: expected a fad.Graph, got {type(graph).__name__}")
     _check_str(graph.name, "name", "graph name")
@@ -532,7 +532,6 @@ def _build(doc: Any) -> Graph:
             return lits[k]
         raise _fail(where, f"an operand is a variable number or {{\"lit\": k}}, got {_short(a)}")
 
-    from ..core import primitives
     eqns = []
     for k, e in enumerate(_list(doc["eqns"], "eqns", "eqns")):
         where = f"eqns[{k}]"

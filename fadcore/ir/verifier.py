@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from ..errors import FadError, VerificationError
+from ..pytree import num_leaves
 from .graph import Graph, Literal, Var
+from .primitives import infer_type, primitives
+from .printer import Namer
 from .types import FederatedType
 
 
 def verify(g: Graph) -> None:
     """Raise :class:`VerificationError` naming the first ill-typed equation of ``g``."""
-    from ..core import infer_type, primitives
-    from .printer import Namer
-
     name = Namer()
     defined: set[Var] = set()
     for v in g.inputs:
@@ -47,7 +47,6 @@ def verify(g: Graph) -> None:
     for a in g.outputs:
         if isinstance(a, Var) and a not in defined:
             raise VerificationError("an output is not defined by the graph")
-    from ..pytree import num_leaves
     if num_leaves(g.in_tree) != len(g.inputs) - g.meta.get("num_captured", 0):
         raise VerificationError("the input tree does not match the number of inputs")
     if num_leaves(g.out_tree) != len(g.outputs):

@@ -26,6 +26,7 @@ from ..core import Builder, bind, source_scope, transpose_rules
 from ..errors import ClosureError, DifferentiationError
 from ..ir.graph import Eqn, Graph, Literal, Var
 from ..ir.passes import simplify
+from ..ir.primitives import PLAIN_AGGREGATIONS
 from ..ir.types import CLIENTS, SERVER
 from ..ops import UndefinedPrimal, is_zero
 from .forward import jvp_graph
@@ -36,7 +37,7 @@ from .forward import jvp_graph
 def aggregation_class(g: Graph) -> str:
     """"secure" when every clients->server flow of ``g`` is a secure_sum (or there is none)."""
     for e in g.eqns:
-        if e.prim in (ops.sum_p, ops.mean_p, ops.weighted_mean_p):
+        if e.prim in PLAIN_AGGREGATIONS:
             return "plain"
     return "secure"
 
@@ -54,7 +55,7 @@ def broadcast_transpose_for(graph: Graph, policy) -> "ops.Primitive":
     secure = policy is not None and policy.secure
     if secure and aggregation_class(graph) != "secure":
         bad = sorted({e.prim.name for e in graph.eqns
-                      if e.prim in (ops.sum_p, ops.mean_p, ops.weighted_mean_p)})
+                      if e.prim in PLAIN_AGGREGATIONS})
         raise ClosureError(
             f"policy {policy} allows only secure_sum for clients->server flows, but {graph.name} "
             f"already aggregates with {', '.join(bad)}; no derivative can satisfy the policy")

@@ -43,12 +43,13 @@ from hypothesis import strategies as st
 import fadcore as fad
 from fadcore import nn
 from fadcore import numpy as fnp
+from fadcore.ir.primitives import AGGREGATIONS as _AGGREGATION_PRIMITIVES
 from fadcore.tracing import TracedFunction
 from fadcore.values import ClientValues
 
 __all__ = ["programs", "Op", "Program", "Recipe", "describe", "OP_NAMES", "AGGREGATIONS"]
 
-AGGREGATIONS = ("sum", "mean", "weighted_mean", "secure_sum")
+AGGREGATIONS = tuple(p.name for p in _AGGREGATION_PRIMITIVES)
 
 S, C = "SERVER", "CLIENTS"
 MAX_NDIM = 3
