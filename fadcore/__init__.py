@@ -10,8 +10,8 @@ from . import ops as _ops  # noqa: F401  (defines the primitives)
 from . import numpy, nn, pytree  # noqa: F401
 from .backends import run, set_default_backend, default_backend
 from .errors import (CardinalityError, ClosureError, DifferentiationError, DTypeError,
-                     FadError, LoweringError, PlacementError, SerializationError, ShapeError,
-                     TracingError, VerificationError)
+                     FadError, LoweringError, PlacementError, ResourceError, SerializationError,
+                     ShapeError, TracingError, VerificationError)
 from .federated import broadcast, map, mean, num_clients, secure_sum, sum, weighted_mean
 from .ir.graph import Graph
 from .ir.types import (CLIENTS, SERVER, DType, FederatedType, Placement, TensorType, bool_,
@@ -28,7 +28,7 @@ __all__ = [
     "f64", "f32", "i64", "i32", "bool_", "numpy", "nn",
     "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",
     "SerializationError", "VerificationError", "DifferentiationError", "CardinalityError",
-    "LoweringError", "TracingError", "set_default_backend", "default_backend",
+    "LoweringError", "TracingError", "ResourceError", "set_default_backend", "default_backend",
 ]
 
 from .api import grad, hvp, jacfwd, jvp, value_and_grad, vjp  # noqa: E402

@@ -7,7 +7,7 @@ import builtins
 __all__ = [
     "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",
     "SerializationError", "VerificationError", "DifferentiationError",
-    "CardinalityError", "LoweringError", "TracingError",
+    "CardinalityError", "LoweringError", "TracingError", "ResourceError",
 ]
 
 
@@ -53,3 +53,7 @@ class LoweringError(FadError):
 
 class TracingError(FadError):
     """A Python function cannot be traced (e.g. it branches on a traced value)."""
+
+
+class ResourceError(FadError, MemoryError):
+    """Running a graph would need more memory than allowed; raised before allocating it."""

@@ -383,7 +383,7 @@ def test_bad_structure():
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70)
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([10**400, -10**400])
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6)
     | st.sampled_from(["f64[3]@SERVER", "int", "tuple", "lit", "broadcast", "{f64[?]}@CLIENTS"]),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import pytree
 from ..errors import FadError
+from ..ir.resources import check_memory
 from .inputs import prepare_inputs
 
 __all__ = ["run", "run_flat", "BACKENDS", "default_backend", "set_default_backend"]
@@ -45,6 +46,7 @@ def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None 
         hint = " (pip install 'fadcore[dask]')" if name == "dask" else ""
         raise FadError(f"backend {name!r} is not available{hint}; have {sorted(table)}")
     inputs = prepare_inputs(graph, leaves, num_clients)
+    check_memory(graph, inputs.rows, inputs.num_clients)      # before anything is allocated
     return table[name](graph, inputs, **kw)
 
 

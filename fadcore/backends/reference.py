@@ -63,15 +63,19 @@ def execute(graph: Graph, inputs: Inputs) -> list:
     def read(a):
         return a.value if isinstance(a, Literal) else env[a]
 
-    for e in graph.eqns:
+    # values are dropped after their last use, so memory follows the live set
+    # (fadcore.ir.resources.peak_bytes is what this evaluator holds at its fullest)
+    last = {a: k for k, e in enumerate(graph.eqns) for a in e.inputs
+            if not isinstance(a, Literal)}
+    for a in graph.outputs:
+        last.pop(a, None)
+    for k, e in enumerate(graph.eqns):
         args = [read(a) for a in e.inputs]
         if e.prim.kind == "federated":
             env[e.out] = fed_impls[e.prim](n, rows, *args)
-            continue
-        impl = impl_rules.get(e.prim)
-        if impl is None:
+        elif (impl := impl_rules.get(e.prim)) is None:
             raise LoweringError(f"reference backend: no implementation of {e.prim.name}")
-        if e.out.type.placement is CLIENTS:
+        elif e.out.type.placement is CLIENTS:
             client = [not isinstance(a, Literal) and a.type.placement is CLIENTS
                       for a in e.inputs]
             outs = []
@@ -84,6 +88,10 @@ def execute(graph: Graph, inputs: Inputs) -> list:
         else:
             with _data_errors(e, None):
                 env[e.out] = _cast(impl(*args, **e.params), e.out.type, None, e)
+        del args
+        for a in e.inputs:
+            if last.get(a) == k:
+                env.pop(a, None)
     outs = []
     for a, t in zip(graph.outputs, graph.out_types):
         v = read(a)

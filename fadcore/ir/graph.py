@@ -137,9 +137,10 @@ class Graph:
         return to_json(self, indent=indent)
 
     @staticmethod
-    def from_json(text: str | bytes) -> "Graph":
+    def from_json(text: str | bytes, *, clients: int | None = None,
+                  rows: int | None = None) -> "Graph":
         from .serialize import from_json
-        return from_json(text)
+        return from_json(text, clients=clients, rows=rows)
 
     def rounds(self):
         from .rounds import rounds

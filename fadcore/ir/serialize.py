@@ -71,6 +71,11 @@ LIMITS = {
     "params": 64,                  # params of one equation
     "items": 4096,                 # items of one tagged tuple/list/dict, operands of one eqn
     "meta_keys": 1_000,
+    # memory a run of the graph holds at its fullest (see fadcore.ir.resources), counted for a
+    # declared client size: `clients` clients of `rows` rows each (every ? dimension is `rows`)
+    "bytes": 2**32,
+    "clients": 1,
+    "rows": 1,
 }
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -200,6 +205,7 @@ def _enc_value(v: Any, where: str, depth: int = 0) -> Any:
 
 
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_FLOAT_MAX = int(np.finfo(np.float64).max)
 
 
 def _dec_value(obj: Any, where: str, depth: int = 0) -> Any:
@@ -223,6 +229,8 @@ def _dec_value(obj: Any, where: str, depth: int = 0) -> Any:
         if isinstance(x, str) and x in _FLOATS:
             return _FLOATS[x]
         if isinstance(x, (int, float)) and not isinstance(x, bool):
+            if isinstance(x, int) and not -_FLOAT_MAX <= x <= _FLOAT_MAX:
+                raise _fail(where, f"integer {_short(x)} is out of the float64 range")
             return float(x)
     if tag == "str" and isinstance(x, str):
         return _check_str(x, where)
@@ -317,7 +325,13 @@ def _element_ok(x, dt: DType) -> bool:
     if dt.is_int:
         info = np.iinfo(dt.np)
         return isinstance(x, int) and not isinstance(x, bool) and info.min <= x <= info.max
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    # in range: no OverflowError from a huge int, no finite number turning into inf
+    if isinstance(x, int) and not -_FLOAT_MAX <= x <= _FLOAT_MAX:
+        return False
+    with np.errstate(over="ignore"):
+        return not (np.isinf(dt.np.type(x)) and math.isfinite(x))
 
 
 # --------------------------------------------------------------------------- writing
@@ -456,8 +470,17 @@ def _list(obj: Any, where: str, limit: str) -> list:
     return obj
 
 
-def from_json(text: str | bytes) -> Graph:
-    """Load a graph written by :func:`to_json`; validates it fully and runs the verifier."""
+def from_json(text: str | bytes, *, clients: int | None = None,
+              rows: int | None = None) -> Graph:
+    """Load a graph written by :func:`to_json`; validates it fully and runs the verifier.
+
+    ``clients`` and ``rows`` declare the client size the graph is meant to run at (default
+    ``LIMITS["clients"]`` clients of ``LIMITS["rows"]`` rows): the memory a run would hold at
+    that size must be at most ``LIMITS["bytes"]``, or loading fails before anything is
+    allocated. (Every run checks again for the real row counts: :mod:`fadcore.ir.resources`.)
+    """
+    clients = _declared(clients, "clients", LIMITS["clients"])
+    rows = _declared(rows, "rows", LIMITS["rows"])
     if isinstance(text, (bytes, bytearray, memoryview)):
         if len(text) > LIMITS["text_bytes"]:
             raise SerializationError(
@@ -482,14 +505,38 @@ def from_json(text: str | bytes) -> Graph:
             from None
     try:
         graph = _build(doc)
+        _check_memory(graph, clients, rows)
     except SerializationError:
         raise
     except RecursionError:
         raise SerializationError("graph JSON is nested too deeply") from None
-    except (FadError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        # a safety net: every check above should have produced a clear message already
+    except Exception as e:  # noqa: BLE001 - a safety net: nothing untyped escapes a load
+        # every check above should have produced a clear message already
         raise SerializationError(f"invalid graph JSON: {type(e).__name__}: {e}") from None
     return graph
+
+
+def _declared(v: Any, name: str, default: int) -> int:
+    if v is None:
+        return default
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v < 0:
+        raise SerializationError(f"from_json: {name}= must be an int >= 0, got {_short(v)}")
+    return int(v)
+
+
+def _check_memory(graph: Graph, clients: int, rows: int) -> None:
+    from .resources import _human, largest_live, peak_bytes
+    limit = LIMITS["bytes"]
+    if limit is None or not graph.eqns:
+        return
+    peak, step = peak_bytes(graph, rows, clients)
+    if peak > limit:
+        k = largest_live(graph, step, rows, clients)
+        e = graph.eqns[k]
+        raise _fail(f"eqns[{k}] ({e.prim.name})",
+                    f"a run would hold {_human(peak)} at once for {clients} client(s) of "
+                    f"{rows} row(s) (the biggest value: this {e.out.type}), over the limit "
+                    f"of {_human(limit)} (LIMITS['bytes']); nothing was allocated")
 
 
 def _build(doc: Any) -> Graph:
