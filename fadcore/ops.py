@@ -601,6 +601,8 @@ jvp_rules[reduce_max_p] = _reduce_max_jvp
 
 def _argmax_shape(x: TensorType, *, axis) -> TensorType:
     _need_numeric("argmax", x)
+    if not 0 <= axis < x.ndim:
+        raise ShapeError(f"argmax: axis {axis} out of range for {x}")
     return TensorType(i64, tuple(d for i, d in enumerate(x.shape) if i != axis))
 
 
@@ -945,7 +947,7 @@ impl_rules[take_p] = lambda x, idx, *, axis: np.take(x, idx, axis=axis)
 def _untake_shape(ct: TensorType, idx: TensorType, *, axis, dim) -> TensorType:
     _need_int("untake", idx)
     k = idx.ndim
-    if ct.shape[axis:axis + k] != idx.shape:
+    if not 0 <= axis <= ct.ndim - k or ct.shape[axis:axis + k] != idx.shape:
         raise ShapeError(f"untake: {ct} does not fit indices {idx} at axis {axis}")
     return TensorType(ct.dtype, ct.shape[:axis] + (dim,) + ct.shape[axis + k:])
 
@@ -995,8 +997,8 @@ impl_rules[take_along_axis_p] = lambda x, idx, *, axis: np.take_along_axis(x, id
 
 def _untala_shape(ct: TensorType, idx: TensorType, *, axis, dim) -> TensorType:
     _need_int("untake_along_axis", idx)
-    if ct.shape != idx.shape:
-        raise ShapeError(f"untake_along_axis: {ct} does not fit indices {idx}")
+    if ct.shape != idx.shape or not 0 <= axis < ct.ndim:
+        raise ShapeError(f"untake_along_axis: {ct} does not fit indices {idx} along axis {axis}")
     return TensorType(ct.dtype, ct.shape[:axis] + (dim,) + ct.shape[axis + 1:])
 
 

@@ -498,3 +498,209 @@ def test_second_process_reuses_the_cache(rng, tmp_path):
     assert out.returncode == 0, out.stderr
     hits, misses = map(int, out.stdout.split()[-2:])
     assert hits >= 1 and misses == 0
+
+
+# --------------------------------------------------------------------------- hostile graphs (issue 18)
+
+def _in_subprocess(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh process: a crash shows as a signal, not as a dead test run."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ),
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+ARGMAX_JSON = ('{"format": "fadcore.graph", "version": 1, "name": "bad", "inputs": '
+               '["f64[%d,%d]@SERVER"], "literals": [], "eqns": [{"prim": "argmax", "in": [0], '
+               '"type": "i64[%d,%d]@SERVER", "params": {"axis": ["int", %d]}, "source": '
+               '"probe.py:1"}], "outputs": [1], "in_tree": ["tuple", [["leaf"]]], '
+               '"out_tree": ["leaf"], "meta": {}}')
+
+
+@pytest.mark.parametrize("shape,axis", [((2000, 2000), -1), ((3, 4), -1), ((3, 4), 5)])
+def test_argmax_axis_out_of_range_is_refused_not_a_crash(shape, axis):
+    a, b = shape
+    doc = ARGMAX_JSON % (a, b, a, b, axis)
+    out = _in_subprocess(f"""
+        import numpy as np, fadcore as fad
+        for backend in ("numba", "reference"):
+            try:
+                g = fad.Graph.from_json({doc!r})
+                fad.run(g, np.ones({shape!r}), backend=backend)
+                print(backend, "ran")
+            except fad.FadError as e:
+                print(backend, type(e).__name__, e)
+    """)
+    assert out.returncode == 0, out.stderr              # a signal gives a negative code
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and all(l.split()[1] != "ran" for l in lines), out.stdout
+    assert all(f"axis {axis}" in l for l in lines), out.stdout
+
+
+def test_argmax_axis_out_of_range_at_trace_time():
+    from fadcore.core import bind
+    for axis in (-1, 2, 5):
+        with pytest.raises(fad.ShapeError, match=f"argmax: axis {axis} out of range"):
+            fad.trace(lambda x: bind(ops.argmax_p, x, axis=axis)).graph(np.ones((3, 4)))
+
+
+def test_huge_slice_stride_copies_the_data_and_its_gradient(rng):
+    x = rng.normal(size=(3, 4))
+    big = 2 ** 63 - 1
+    got = fad.trace(lambda x: x[:, ::big])(x)
+    np.testing.assert_array_equal(got, x[:, ::big])           # NumPy is the oracle
+    g = fad.grad(lambda x: fnp.sum(x[:, 1::big] * x[:, 1::big]))(x)
+    want = np.zeros_like(x)
+    want[:, 1] = 2 * x[:, 1]
+    np.testing.assert_allclose(g, want, rtol=1e-15)
+    check(lambda x: (x[::big, 2:], x[1::3, ::big]), x)
+
+
+def test_pad_with_a_huge_stride_matches_the_reference(rng):
+    from fadcore.core import bind
+    ct = rng.normal(size=(3, 1))
+    got = check(lambda c: bind(ops.pad_p, c, shape=(3, 4), starts=(0, 2), limits=(3, 4),
+                               strides=(1, 2 ** 62)), ct)
+    want = np.zeros((3, 4))
+    want[:, 2:3] = ct
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("prim,axis,idx_shape", [
+    ("untake", 9, ()), ("untake", 2, (2,)), ("untake_along_axis", 7, (2, 2)),
+    ("untake_along_axis", -1, (2, 2))])
+def test_gather_transposes_check_their_axis(prim, axis, idx_shape):
+    from fadcore.core import bind
+    p = getattr(ops, prim + "_p")
+    ct = np.ones(idx_shape if prim == "untake_along_axis" else (2, 4))
+    idx = np.zeros(idx_shape, dtype=np.int64)
+    with pytest.raises(fad.ShapeError, match=f"{prim}: .*axis {axis}"):
+        fad.trace(lambda c, i: bind(p, c, i, axis=axis, dim=3)).graph(ct, idx)
+
+
+def test_integer_overflow_is_an_error_on_both_backends():
+    a = np.array([2 ** 40, 3], dtype=np.int64)
+    g = fad.trace(lambda a: a * a).graph(a)
+    for backend in ("reference", "numba"):
+        with pytest.raises(fad.DTypeError, match="beyond \\+-2\\*\\*53"):
+            fad.run(g, a, backend=backend)
+    big = np.array([1e300, 2.0])
+    g = fad.trace(lambda x: fnp.astype(x, fnp.int64)).graph(big)
+    for backend in ("reference", "numba"):
+        with pytest.raises(fad.DTypeError, match="beyond \\+-2\\*\\*53"):
+            fad.run(g, big, backend=backend)
+    small = np.array([2 ** 20, -3], dtype=np.int64)          # in range: exact, as NumPy
+    np.testing.assert_array_equal(check(lambda a: a * a + a, small), small * small + small)
+
+
+def test_client_integer_overflow_names_the_client():
+    lab = fad.clients([np.array([1, 2]), np.array([2 ** 30, 2 ** 30])])
+    g = fad.trace(lambda l: l * l * l).graph(lab)
+    with pytest.raises(fad.DTypeError, match="client 1"):
+        fad.run(g, lab, backend="numba")
+
+
+def test_float32_sums_agree_across_backends():
+    x = np.array([1e8, 1, -1e8, 1], dtype=np.float32)
+    xc = fad.clients([np.asarray(v) for v in x])                 # one number per client
+    for f, args in [(lambda x: fnp.sum(x), (x,)), (lambda x: x @ x, (x,)),
+                    (lambda c: fad.sum(c), (xc,)), (lambda c: fad.mean(fnp.sum(c)), (xc,))]:
+        assert np.asarray(check(f, *args, rtol=0)).dtype == np.float32
+    # the exact sums (float64), rounded once: what both backends give
+    assert fad.trace(lambda x: fnp.sum(x)).run(x, backend="reference") == np.float32(2.0)
+    assert fad.trace(lambda x: fnp.sum(x)).run(x, backend="numba") == np.float32(2.0)
+    for backend in ("reference", "numba"):
+        assert fad.trace(lambda c: fad.sum(c)).run(xc, backend=backend) == np.float32(2.0)
+
+
+def test_one_huge_client_does_not_multiply_the_workspace(rng, monkeypatch):
+    """Scratch memory is sized per chunk of clients: one huge client costs one huge region,
+    not one per chunk; the peak stays below the reference evaluator's."""
+    import tracemalloc
+    monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)            # the parallel layout
+
+    @fad.trace
+    def f(w, X):
+        z = X @ fad.broadcast(w)
+        return fad.mean(fnp.sum(fnp.exp(z) * z + fnp.tanh(z)))
+    X = fad.clients([rng.normal(size=(200_000, 4))] + [rng.normal(size=(3, 4))] * 31)
+    w = np.full(4, 0.01)
+    g = fad.grad(f).graph(w, X)
+    fad.run(g, w, X, backend="numba")
+
+    def peak(backend):
+        tracemalloc.start()
+        try:
+            out = fad.run(g, w, X, backend=backend)
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    got, numba_peak = peak("numba")
+    want, ref_peak = peak("reference")
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert numba_peak < ref_peak, (numba_peak, ref_peak)
+    assert numba_peak < 4 * 200_000 * 8 * 3, numba_peak        # a few temporaries, once
+
+
+def test_kernels_refuse_sizes_that_do_not_fit_their_buffers():
+    """Corrupt a lowered tape (what a lowering bug would do): a typed error, no crash."""
+    out = _in_subprocess("""
+        import numpy as np, fadcore as fad
+        from fadcore import numpy as fnp
+        from fadcore.backends import numba_backend as nb, _numba_kernels as K
+        x = np.ones((30, 40))
+        cases = {"argmax": (lambda x: fnp.argmax(x, axis=1), 0),
+                 "slice": (lambda x: x[1:, ::3], 1), "reduce": (lambda x: fnp.sum(x, axis=0), 1),
+                 "matvec": (lambda x: x @ x[0], 1), "transpose": (lambda x: x.T * 2.0, 1)}
+        for name, (f, field) in cases.items():
+            g = fad.trace(f).graph(x)
+            prog = nb.lower(g)
+            t = [r for r in range(prog.tape.shape[0])
+                 if prog.tape[r, K.F_OP] != K.OP_COPY][0]
+            prog.ip[prog.tape[t, K.F_IP] + field] *= 1000    # a dimension far too large
+            try:
+                fad.run(g, x, backend="numba")
+                print(name, "ran")
+            except fad.FadError as e:
+                print(name, type(e).__name__)
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["argmax", "LoweringError", "slice", "LoweringError",
+                                  "reduce", "LoweringError", "matvec", "LoweringError",
+                                  "transpose", "LoweringError"], out.stdout
+
+
+def test_without_scipy_the_default_backend_says_what_to_install():
+    out = _in_subprocess("""
+        import sys, warnings
+        sys.modules["scipy"] = None                 # an environment without scipy
+        import numpy as np, fadcore as fad
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            print(fad.trace(lambda x: (x * x).sum())(np.arange(3.0)))
+        print([str(m.message) for m in w])
+        try:
+            fad.run(fad.trace(lambda x: x).graph(np.ones(2)), np.ones(2), backend="numba")
+        except fad.FadError as e:
+            print("error:", e)
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "5.0"
+    assert "pip install scipy" in out.stdout and "numba backend" in out.stdout
+    assert "error: backend 'numba' is not available: scipy" in out.stdout
+
+
+def test_backend_table_is_not_rebuilt_per_call(monkeypatch):
+    from fadcore import backends
+    calls = []
+
+    def no_dask():
+        calls.append(1)
+        raise ImportError("No module named 'distributed'")
+    monkeypatch.setitem(backends._IMPORTS, "dask", no_dask)
+    monkeypatch.setattr(backends, "_TABLE",
+                        {k: v for k, v in backends._TABLE.items() if k != "dask"})
+    monkeypatch.setattr(backends, "_MISSING", {})
+    for _ in range(3):
+        backends.available()
+        fad.trace(lambda x: x * 2.0)(np.ones(2))
+    assert calls == [1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from .. import pytree
 from ..errors import FadError
 from ..ir.resources import check_memory
@@ -22,32 +24,76 @@ def set_default_backend(name: str) -> None:
     _default[0] = name
 
 
-def available() -> dict:
+_TABLE: dict = {}                   # backend -> execute function, once imported
+_MISSING: dict = {}                 # backend -> why it cannot be used, with what to install
+
+
+def _import_numba():
+    try:
+        import scipy  # noqa: F401  (numba needs it for ``@`` / np.dot)
+    except ImportError:
+        raise ImportError("scipy is not installed, and numba needs it for matrix products "
+                          "(pip install scipy)") from None
+    from . import numba_backend
+    return numba_backend.execute
+
+
+def _import_dask():
+    from . import dask_backend
+    return dask_backend.execute
+
+
+def _import_reference():
     from . import reference
-    table = {"reference": reference.execute}
+    return reference.execute
+
+
+_IMPORTS = {"reference": _import_reference, "numba": _import_numba, "dask": _import_dask}
+_HINTS = {"numba": "pip install numba scipy", "dask": "pip install 'fadcore[dask]'"}
+
+
+def _load(name: str):
+    """The execute function of backend ``name``, or None; each backend is imported at most
+    once per process (a failing optional import is not retried on every call)."""
+    if name in _TABLE:
+        return _TABLE[name]
+    if name in _MISSING or name not in _IMPORTS:
+        return None
     try:
-        from . import numba_backend
-        table["numba"] = numba_backend.execute
-    except ImportError:
-        pass
-    try:
-        from . import dask_backend
-        table["dask"] = dask_backend.execute
-    except ImportError:
-        pass
-    return table
+        _TABLE[name] = _IMPORTS[name]()
+    except ImportError as err:
+        hint = _HINTS.get(name, "")
+        _MISSING[name] = f"{err}" + (f" ({hint})" if hint and hint not in str(err) else "")
+        if name == "numba":
+            warnings.warn(f"fadcore: the numba backend (the default) is unavailable: "
+                          f"{_MISSING[name]}; the reference backend runs instead",
+                          RuntimeWarning, stacklevel=3)
+            if _default[0] == "numba":
+                _default[0] = "reference"
+        return None
+    return _TABLE[name]
+
+
+def available() -> dict:
+    """Backend name -> execute function, for the backends that import."""
+    for name in _IMPORTS:
+        _load(name)
+    return {name: _TABLE[name] for name in _IMPORTS if name in _TABLE}
 
 
 def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None = None, **kw):
     """Run ``graph`` on flat argument leaves; returns the flat outputs."""
     name = backend or default_backend()
-    table = available()
-    if name not in table:
-        hint = " (pip install 'fadcore[dask]')" if name == "dask" else ""
-        raise FadError(f"backend {name!r} is not available{hint}; have {sorted(table)}")
+    fn = _load(name)
+    if fn is None and backend is None:      # the default just fell back (numba missing)
+        name = default_backend()
+        fn = _load(name)
+    if fn is None:
+        why = f": {_MISSING[name]}" if name in _MISSING else ""
+        raise FadError(f"backend {name!r} is not available{why}; have {sorted(available())}")
     inputs = prepare_inputs(graph, leaves, num_clients)
     check_memory(graph, inputs.rows, inputs.num_clients)      # before anything is allocated
-    return table[name](graph, inputs, **kw)
+    return fn(graph, inputs, **kw)
 
 
 def run(graph, *args, backend: str | None = None, num_clients: int | None = None, **kw):

@@ -121,7 +121,7 @@ F_A = 2
 F_B = 3
 F_C = 4
 F_IP = 5           # offset of the instruction's integer params in ``ip``
-F_FLAGS = 6        # bit 0: round the result to float32
+F_FLAGS = 6        # FL_* bits
 F_NO = 7           # result size: static part and number of ragged dims (size = NO * r**KO)
 F_KO = 8
 F_NA = 9
@@ -140,6 +140,13 @@ K_CLIENT = 2
 E_OK = 0
 E_INDEX = 1        # an index outside [-dim, dim)
 E_EMPTY = 2        # max/argmax of an empty (zero-row) value
+E_BOUNDS = 3       # an instruction's sizes disagree with its buffers (a lowering bug)
+E_INT = 4          # an integer result beyond +-2**53 (value: the instruction's output size)
+
+# instruction flags (F_FLAGS bits)
+FL_F32 = 1         # round the result to float32
+FL_INT = 2         # integer result: check that it stays exact (|x| < 2**53)
+MAX_EXACT_INT = 2.0 ** 53
 
 SCRATCH = 256      # ints of per-chunk scratch for shapes and odometers
 MAX_NDIM = 8
@@ -704,10 +711,31 @@ def _c_strides(shape, nd, out):
     return s
 
 
+@njit(inline="always")
+def _prod(shape, nd):
+    s = 1
+    for a in range(nd):
+        s *= shape[a]
+    return s
+
+
+@njit(inline="always")
+def _extent(shape, strides, nd):
+    """One past the largest offset a strided box touches (0 for an empty box)."""
+    e = 1
+    for a in range(nd):
+        if shape[a] == 0:
+            return 0
+        e += (shape[a] - 1) * strides[a]
+    return e
+
+
 @_kernel(7)
 def k_move(op, pip, r, px, na, po, no):
     """broadcast_in_dim, transpose, slice and pad (params at ``pip``): one strided copy each;
-    concatenate (op OP_CONCATENATE): one operand, ``pip`` -> (nd, axis, out dims, start)."""
+    concatenate (op OP_CONCATENATE): one operand, ``pip`` -> (nd, axis, out dims, start).
+
+    Every copy first checks that it stays inside both buffers (E_BOUNDS otherwise)."""
     ip = _i(pip, 4 + 5 * MAX_NDIM)
     x = _f(px, na)
     o = _f(po, no)
@@ -733,6 +761,8 @@ def k_move(op, pip, r, px, na, po, no):
             if xs[a] != 1:
                 sstr[ip[q + 1 + xn + a]] = xstr[a]
         _c_strides(shp, nd, dstr)
+        if _prod(shp, nd) != no or _prod(xs, xn) != na or _extent(shp, sstr, nd) > na:
+            return E_BOUNDS
         _copy_nd(x, zero, sstr, o, zero, dstr, shp, nd, idx)
     elif op == OP_TRANSPOSE:
         # ip: nd, in dims, perm
@@ -745,6 +775,8 @@ def k_move(op, pip, r, px, na, po, no):
             shp[a] = xs[pa]
             sstr[a] = xstr[pa]
         _c_strides(shp, nd, dstr)
+        if _prod(xs, nd) != na or na != no:
+            return E_BOUNDS
         _copy_nd(x, zero, sstr, o, zero, dstr, shp, nd, idx)
     elif op == OP_CONCATENATE:
         # ip: nd, axis, out dims[nd], then this operand: start along axis, dims[nd]
@@ -757,6 +789,9 @@ def k_move(op, pip, r, px, na, po, no):
         for a in range(nd):
             shp[a] = _dim(ip[3 + nd + a], r)
         _c_strides(shp, nd, sstr)
+        if (_prod(xs, nd) != no or _prod(shp, nd) != na or start < 0
+                or start + shp[axis] > xs[axis]):
+            return E_BOUNDS
         _copy_nd(x, zero, sstr, o, start * dstr[axis], dstr, shp, nd, idx)
     else:
         # slice / pad; ip: nd, big dims (x for slice, result for pad), starts, limits, strides
@@ -770,17 +805,25 @@ def k_move(op, pip, r, px, na, po, no):
             lim = ip[1 + 2 * nd + a]
             k = ip[1 + 3 * nd + a]
             lim = xs[a] if lim < 0 else lim
-            shp[a] = (lim - s0 + k - 1) // k if lim > s0 else 0
+            if s0 < 0 or lim > xs[a] or k < 1:
+                return E_BOUNDS
+            # len(range(s0, lim, k)) without overflow (k may be as large as 2**63 - 1)
+            shp[a] = (lim - s0 - 1) // k + 1 if lim > s0 else 0
             off += s0 * xstr[a]
-            xstr[a] *= k
+            xstr[a] = xstr[a] * k if shp[a] > 1 else 0
         _c_strides(shp, nd, sstr)
+        big = na if op == OP_SLICE else no
+        if _prod(xs, nd) != big or _prod(shp, nd) != (no if op == OP_SLICE else na):
+            return E_BOUNDS
+        if _prod(shp, nd) > 0 and off + _extent(shp, xstr, nd) > big:
+            return E_BOUNDS
         if op == OP_SLICE:
             _copy_nd(x, off, xstr, o, zero, sstr, shp, nd, idx)
         else:
             for j in range(no):
                 o[j] = 0.0
             _copy_nd(x, zero, sstr, o, off, xstr, shp, nd, idx)
-    return 0
+    return E_OK
 
 
 @njit(inline="always")
@@ -926,20 +969,72 @@ def kernel_table() -> np.ndarray:
 # --------------------------------------------------------------------------- the interpreter
 
 @njit(inline="always")
-def _addr(b, kind, loc, ctab, i, wbase):
+def _int_ok(po, no):
+    """Whether an integer result is exact: every |x| < 2**53 (NaN is not)."""
+    o = _f(po, no)
+    for j in range(no):
+        if not (o[j] > -MAX_EXACT_INT and o[j] < MAX_EXACT_INT):
+            return False
+    return True
+
+
+@njit(inline="always")
+def _sizes_ok(op, ip, p, r, na, nb, no, acc_cols):
+    """A cheap check that an instruction's parameters fit its buffers' sizes; the lowering
+    guarantees it, this makes sure no kernel can ever touch memory outside them."""
+    if op <= OP_ABS:
+        return na == no
+    if op <= OP_NE:
+        return (na == no or na == 1) and (nb == no or nb == 1)
+    if op == OP_CONVERT or op == OP_COPY:
+        return na == no
+    if op == OP_ARGMAX:
+        outer = _cnt(ip[p], ip[p + 1], r)
+        inner = _cnt(ip[p + 4], ip[p + 5], r)
+        return outer * _cnt(ip[p + 2], ip[p + 3], r) * inner == na and outer * inner == no
+    if op == OP_TAKE or op == OP_UNTAKE or op == OP_TAKE_ALONG_AXIS \
+            or op == OP_UNTAKE_ALONG_AXIS:
+        outer = _cnt(ip[p], ip[p + 1], r)
+        D = _cnt(ip[p + 2], ip[p + 3], r)
+        inner = _cnt(ip[p + 4], ip[p + 5], r)
+        K = _cnt(ip[p + 6], ip[p + 7], r)
+        small = outer * K * inner
+        big = outer * D * inner
+        along = op == OP_TAKE_ALONG_AXIS or op == OP_UNTAKE_ALONG_AXIS
+        if nb != (small if along else K):
+            return False
+        if op == OP_TAKE or op == OP_TAKE_ALONG_AXIS:
+            return na == big and no == small
+        return na == small and no == big
+    if op == OP_ONE_HOT:
+        return na * ip[p] == no
+    if op == OP_AGGREGATE or op == OP_FINISH:
+        extra = 1 if ip[p] == AG_WMEAN else 0
+        return ip[p + 1] >= 0 and ip[p + 1] + no + extra <= acc_cols
+    return True
+
+
+@njit(inline="always")
+def _dot_ok(m, k, n, na, nb, no):
+    return m * k == na and k * n == nb and m * n == no
+
+
+@njit(inline="always")
+def _addr(b, kind, loc, ctab, i, wtab, crow):
     k = kind[b]
     if k == K_FIXED:
         return loc[b]
     if k == K_WORK:
-        return wbase + loc[b]
+        return wtab[loc[b], crow]
     return ctab[loc[b], i]
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, wsaddr, wsrow,
-             acc, crow, err, fns):
+def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, wtab, acc,
+             crow, err, fns):
     """Run tape rows [start, stop) for clients lo..hi-1, one after the other, with the
-    workspace and accumulator row of chunk ``crow``; ``lo < 0``: once, for the server.
+    workspace (column ``crow`` of ``wtab``: an address per work slot, sized for the chunk's
+    largest client) and accumulator row of chunk ``crow``; ``lo < 0``: once, for the server.
 
     Returns a status code; on error ``err`` holds (code, row, client, value, bound).
     """
@@ -947,7 +1042,6 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
     psc = sc.ctypes.data
     pip0 = ip.ctypes.data
     perr = err.ctypes.data
-    wbase = wsaddr + crow * wsrow
     if lo < 0:
         lo = -1
         hi = 0
@@ -957,15 +1051,21 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
             op = tape[t, F_OP]
             p = tape[t, F_IP]
             no = _cnt(tape[t, F_NO], tape[t, F_KO], r)
-            pa = _addr(tape[t, F_A], kind, loc, ctab, i, wbase) if tape[t, F_A] >= 0 else 0
+            pa = _addr(tape[t, F_A], kind, loc, ctab, i, wtab, crow) if tape[t, F_A] >= 0 else 0
             na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
+            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
             st = E_OK
+            if not _sizes_ok(op, ip, p, r, na, nb, no, acc.shape[1]):
+                err[0] = E_BOUNDS
+                err[1] = t
+                err[2] = i
+                return E_BOUNDS
             if op == OP_AGGREGATE:
                 # ip: mode, acc offset, [weight acc offset]
                 x = _f(pa, no)
                 off = ip[p + 1]
                 if ip[p] == AG_WMEAN:
-                    w = _f(_addr(tape[t, F_B], kind, loc, ctab, i, wbase), 1)[0]
+                    w = _f(_addr(tape[t, F_B], kind, loc, ctab, i, wtab, crow), 1)[0]
                     for j in range(no):
                         acc[crow, off + j] += w * x[j]
                     acc[crow, ip[p + 2]] += w
@@ -973,20 +1073,24 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
                     for j in range(no):
                         acc[crow, off + j] += x[j]
                 continue
-            po = _addr(tape[t, F_OUT], kind, loc, ctab, i, wbase)
-            pb = _addr(tape[t, F_B], kind, loc, ctab, i, wbase) if tape[t, F_B] >= 0 else 0
-            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
+            po = _addr(tape[t, F_OUT], kind, loc, ctab, i, wtab, crow)
+            pb = _addr(tape[t, F_B], kind, loc, ctab, i, wtab, crow) if tape[t, F_B] >= 0 else 0
             if op <= OP_ABS:
                 _call(fns[KI_UNARY], (op, pa, po, no))
             elif op <= OP_NE:
                 _call(fns[KI_BINARY], (op, pa, pb, po, no, na, nb))
             elif op == OP_SELECT:
-                pc = _addr(tape[t, F_C], kind, loc, ctab, i, wbase)
+                pc = _addr(tape[t, F_C], kind, loc, ctab, i, wtab, crow)
                 nc = _cnt(tape[t, F_NC], tape[t, F_KC], r)
                 _call(fns[KI_SELECT], (pa, pb, pc, po, no, na, nb, nc))
             elif op == OP_CONVERT or op == OP_COPY:
                 _call(fns[KI_CONVERT], (ip[p] if op == OP_CONVERT else CV_COPY, pa, po, no,
-                                        tape[t, F_FLAGS] & 1))
+                                        tape[t, F_FLAGS] & FL_F32))
+                if tape[t, F_FLAGS] & FL_INT and not _int_ok(po, no):
+                    err[0] = E_INT
+                    err[1] = t
+                    err[2] = i
+                    return E_INT
                 continue
             elif op == OP_ZEROS:
                 o = _f(po, no)
@@ -998,8 +1102,17 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
                 for a in range(nd):
                     sc[64 + a] = _dim(ip[p + 1 + a], r)
                     sc[80 + a] = ip[p + 1 + nd + a]
-                st = _call(fns[KI_REDUCE], (op == OP_REDUCE_MAX, pa, po, nd, psc + 8 * 64,
-                                            psc + 8 * 80, psc))
+                tot = lo - lo + 1
+                nout = lo - lo + 1
+                for a in range(nd):
+                    tot *= sc[64 + a]
+                    if sc[80 + a] == 0:
+                        nout *= sc[64 + a]
+                if tot != na or nout != no:
+                    st = E_BOUNDS
+                else:
+                    st = _call(fns[KI_REDUCE], (op == OP_REDUCE_MAX, pa, po, nd, psc + 8 * 64,
+                                                psc + 8 * 80, psc))
             elif op == OP_ARGMAX:
                 # ip: outer, D, inner as (static, ragged count) pairs
                 st = _call(fns[KI_ARGMAX], (pa, po, _cnt(ip[p], ip[p + 1], r),
@@ -1007,7 +1120,7 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
                                             _cnt(ip[p + 4], ip[p + 5], r)))
             elif op == OP_BROADCAST_IN_DIM or op == OP_TRANSPOSE or op == OP_SLICE \
                     or op == OP_PAD:
-                _call(fns[KI_MOVE], (op, pip0 + 8 * p, r, pa, na, po, no))
+                st = _call(fns[KI_MOVE], (op, pip0 + 8 * p, r, pa, na, po, no))
             elif op == OP_CONCATENATE:
                 # ip: nd, axis, out dims[nd], m, then per operand: buffer, dims[nd]; each
                 # operand goes through k_move with (nd, axis, out dims, start, dims) in sc
@@ -1025,25 +1138,28 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
                         d = _dim(ip[q + 1 + a], r)
                         sc[3 + nd + a] = ip[q + 1 + a]
                         sz *= d
-                    px = _addr(ip[q], kind, loc, ctab, i, wbase)
-                    _call(fns[KI_MOVE], (op, psc, r, px, sz, po, no))
+                    px = _addr(ip[q], kind, loc, ctab, i, wtab, crow)
+                    st = _call(fns[KI_MOVE], (op, psc, r, px, sz, po, no))
+                    if st != E_OK:
+                        break
                     start_ax += _dim(ip[q + 1 + axis], r)
                     q += 1 + nd
-            elif op == OP_MATMUL:
-                st = _call(fns[KI_DOT], (op, pa, pb, po, _dim(ip[p], r), _dim(ip[p + 1], r),
-                                         _dim(ip[p + 2], r)))
-            elif op == OP_MATVEC:
-                st = _call(fns[KI_DOT], (op, pa, pb, po, _dim(ip[p], r), _dim(ip[p + 1], r),
-                                         lo - lo + 1))
-            elif op == OP_VECMAT:
-                st = _call(fns[KI_DOT], (op, pa, pb, po, lo - lo + 1, _dim(ip[p], r),
-                                         _dim(ip[p + 1], r)))
-            elif op == OP_VDOT:
-                st = _call(fns[KI_DOT], (op, pa, pb, po, lo - lo + 1, _dim(ip[p], r),
-                                         lo - lo + 1))
-            elif op == OP_OUTER:
-                st = _call(fns[KI_DOT], (op, pa, pb, po, _dim(ip[p], r), lo - lo + 1,
-                                         _dim(ip[p + 1], r)))
+            elif op >= OP_MATMUL and op <= OP_OUTER:
+                one = lo - lo + 1
+                if op == OP_MATMUL:
+                    dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), _dim(ip[p + 2], r)
+                elif op == OP_MATVEC:
+                    dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), one
+                elif op == OP_VECMAT:
+                    dm, dk, dn = one, _dim(ip[p], r), _dim(ip[p + 1], r)
+                elif op == OP_VDOT:
+                    dm, dk, dn = one, _dim(ip[p], r), one
+                else:
+                    dm, dk, dn = _dim(ip[p], r), one, _dim(ip[p + 1], r)
+                if _dot_ok(dm, dk, dn, na, nb, no):
+                    st = _call(fns[KI_DOT], (op, pa, pb, po, dm, dk, dn))
+                else:
+                    st = E_BOUNDS
             elif op == OP_TAKE or op == OP_UNTAKE or op == OP_TAKE_ALONG_AXIS \
                     or op == OP_UNTAKE_ALONG_AXIS:
                 # ip: outer, D, inner, K as (static, ragged count) pairs
@@ -1080,16 +1196,20 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
                 err[1] = t
                 err[2] = i
                 return st
-            if tape[t, F_FLAGS] & 1:
+            if tape[t, F_FLAGS] & FL_F32:
                 o = _f(po, no)
                 for j in range(no):
                     o[j] = np.float32(o[j])
+            elif tape[t, F_FLAGS] & FL_INT and not _int_ok(po, no):
+                err[0] = E_INT
+                err[1] = t
+                err[2] = i
+                return E_INT
     return E_OK
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wsaddr, wsrow, acc, err,
-                fns):
+def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wtab, acc, err, fns):
     """Run a lowered program: per stage, its server rows once, then its client rows for every
     client, in a prange over ``nchunks`` contiguous chunks of clients (one workspace row and
     one accumulator row per chunk; clients run one after the other inside a chunk).
@@ -1101,7 +1221,7 @@ def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wsaddr, wsr
     zero = n - n
     for s in range(stages.shape[0]):
         st = run_part(tape, stages[s, 0], stages[s, 1], ip, kind, loc, ctab, rows, zero - 1,
-                      zero, n, nchunks, wsaddr, wsrow, acc, zero, err[srv], fns)
+                      zero, n, nchunks, wtab, acc, zero, err[srv], fns)
         if st != E_OK:
             return False
         c0 = stages[s, 2]
@@ -1111,7 +1231,7 @@ def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wsaddr, wsr
         for c in prange(nchunks):
             cc = zero + c
             run_part(tape, c0, c1, ip, kind, loc, ctab, rows, (cc * n) // nchunks,
-                     ((cc + 1) * n) // nchunks, n, nchunks, wsaddr, wsrow, acc, cc, err[cc],
+                     ((cc + 1) * n) // nchunks, n, nchunks, wtab, acc, cc, err[cc],
                      fns)
         for c in range(nchunks):
             if err[c, 0] != E_OK:

@@ -116,6 +116,7 @@ class Program:
     client_inputs: list                 # (buffer, ctab row, input index)
     persistent: list                    # (buffer, ctab row, static, k)
     work: list                          # per stage: list of (buffers, static, k) per slot
+    slots: np.ndarray                   # per global work slot: (stage, static size, k)
     acc_size: int
     outputs: list                       # per output: (how, ...)
     sources: list                       # per tape row: "prim (file:line)"
@@ -282,6 +283,9 @@ class _Lowering:
                 last_fixed[r] = INF
             else:
                 use_stage[r] = INF
+        dies_at: dict = {}          # position -> values last read there (linear, not quadratic)
+        for r, at in last_fixed.items():
+            dies_at.setdefault(at, []).append(r)
 
         # graph inputs
         server_inputs, client_inputs = [], []
@@ -411,8 +415,8 @@ class _Lowering:
                         self._release_work([r], free)
             work.append(slots)
             # server values read by this stage's clients die after it
-            for r, at in list(last_fixed.items()):
-                if at == block and r not in outputs:
+            for r in dies_at.get(block, ()):
+                if last_fixed.get(r) == block and r not in outputs:
                     arena_release(r)
 
         # literal and constant buffers
@@ -421,17 +425,19 @@ class _Lowering:
         # order the tape: per stage server rows then client rows
         rows, ips, sources, stages = [], [], [], []
         ip_all: list[int] = []
+        by_part: dict = {}
+        for (s2, p2, fields, ip, src) in tape_rows:
+            by_part.setdefault((s2, p2), []).append((fields, ip, src))
         for s in range(nstages):
             st = [0, 0, 0, 0]
             for part in (0, 1):
                 st[2 * part] = len(rows)
-                for (s2, p2, fields, ip, src) in tape_rows:
-                    if s2 == s and p2 == part:
-                        fields = list(fields)
-                        fields[K.F_IP] = len(ip_all)
-                        ip_all.extend(ip)
-                        rows.append(fields)
-                        sources.append(src)
+                for fields, ip, src in by_part.get((s, part), ()):
+                    fields = list(fields)
+                    fields[K.F_IP] = len(ip_all)
+                    ip_all.extend(ip)
+                    rows.append(fields)
+                    sources.append(src)
                 st[2 * part + 1] = len(rows)
             stages.append(st)
         tape = np.zeros((max(len(rows), 1), K.NFIELDS), dtype=np.int64)
@@ -442,6 +448,15 @@ class _Lowering:
         cbase = consts.ctypes.data
         for b, off in self.const_off.items():
             loc[b] = cbase + 8 * off
+        # work slots: one global id each (a row of the per-call address table)
+        slot_stage, slot_static, slot_k = [], [], []
+        for s, slots in enumerate(work):
+            for bufs, st, kk in slots:
+                for b in bufs:
+                    loc[b] = len(slot_stage)
+                slot_stage.append(s)
+                slot_static.append(st)
+                slot_k.append(kk)
         arena_bufs = np.asarray(sorted(arena_of), dtype=np.int64)
         arena_off = np.asarray([arena_of[b] for b in sorted(arena_of)], dtype=np.int64)
 
@@ -471,6 +486,7 @@ class _Lowering:
             client_inputs=client_inputs,
             persistent=[(b, row, st, kk) for b, row, st, kk, _ in persistent],
             work=[[(slot[0], slot[1], slot[2]) for slot in slots] for slots in work],
+            slots=np.asarray([slot_stage, slot_static, slot_k], dtype=np.int64).reshape(3, -1).T,
             acc_size=max(acc_size, 1), outputs=outs, sources=sources, n_ctab=n_ctab,
             ragged=ragged, uses_clients=uses_clients, uses_n=uses_n,
             g_inputs=[v.type for v in g.inputs])
@@ -515,7 +531,7 @@ class _Lowering:
         out_t = e.out.type.tensor
         ins = [(self.buf_of(a), a.type.shape if isinstance(a, Var) else a.type.shape)
                for a in e.inputs]
-        flags = 1 if (out_t.dtype is f32 and name not in _EXACT_F32) else 0
+        flags = _flags(out_t.dtype, name)
         ip: list[int] = []
         shp = [a.type.shape for a in e.inputs]
         if name == "convert":
@@ -532,8 +548,7 @@ class _Lowering:
             ip = [len(shp[0]), *_dims(shp[0]), *p["perm"]]
         elif name in ("slice", "pad"):
             big = shp[0] if name == "slice" else out_t.shape
-            lim = [-1 if l is None else l for l in p["limits"]]
-            ip = [len(big), *_dims(big), *p["starts"], *lim, *p["strides"]]
+            ip = [len(big), *_dims(big), *_slice_params(big, p)]
         elif name == "concatenate":
             nd = len(out_t.shape)
             ip = [nd, p["axis"], *_dims(out_t.shape), len(ins)]
@@ -584,18 +599,43 @@ class _Lowering:
     def _emit_finish(self, e, acc_of):
         off = acc_of[e]
         mode = _AGG_MODE[e.prim.name]
-        flags = 1 if e.out.type.dtype is f32 else 0
+        flags = _flags(e.out.type.dtype, e.prim.name)
         f = self._row(K.OP_FINISH, e, self.buf[e.out], [], flags)
         m = f[K.F_NO]
         ip = [mode, off] + ([off + m] if mode == K.AG_WMEAN else [])
         return f, ip, _where(e)
 
 
-# results exact in float32 when the operands are (no rounding pass needed)
+def _flags(dtype, name) -> int:
+    """Float32 results are rounded, integer results checked for overflow, unless the op
+    cannot leave its operands' set of values."""
+    if name in _EXACT_F32:
+        return 0
+    return K.FL_F32 if dtype is f32 else K.FL_INT if dtype.is_int else 0
+
+
+# results exact in float32 (and integers in range) when the operands are: no rounding pass
+# or range check needed
 _EXACT_F32 = frozenset({
     "neg", "abs", "sign", "max", "min", "select", "zeros_like", "broadcast_in_dim",
     "transpose", "slice", "pad", "concatenate", "take", "take_along_axis", "one_hot",
     "reduce_max", "lt", "le", "gt", "ge", "eq", "ne", "argmax", "rows"})
+
+
+def _slice_params(big, p) -> list[int]:
+    """starts, limits (-1: a whole ragged dimension), strides of a slice or pad. An axis with
+    at most one element taken gets stride 1 (any stride means the same there), so every
+    number fits the kernels' int64 arithmetic."""
+    starts, limits, strides = list(p["starts"]), [], []
+    for d, s0, lim, k in zip(big, p["starts"], p["limits"], p["strides"]):
+        if lim is None:
+            limits.append(-1)
+            strides.append(k)
+            continue
+        n = len(range(s0, lim, k))
+        limits.append(s0 + n if n <= 1 else lim)
+        strides.append(1 if n <= 1 else k)
+    return [*starts, *limits, *strides]
 
 
 def _pairs(xs):
@@ -787,20 +827,7 @@ def execute(graph: Graph, inputs: Inputs) -> list:
     pers = np.empty(max(pers_total, 1), dtype=np.float64)
     for (b, row, st, kk), (offs, _) in zip(prog.persistent, pers_off):
         ctab[row, :n] = pers.ctypes.data + 8 * offs
-    # work slots: sizes for the largest client
-    rmax = int(rows[:n].max()) if n else 0
-    wsrow = 1
-    for slots in prog.work:
-        off = 0
-        for bufs, st, kk in slots:
-            size = st * rmax ** kk
-            size = -(-max(size, 1) // _ALIGN) * _ALIGN
-            for b in bufs:
-                loc[b] = 8 * off
-            off += size
-        wsrow = max(wsrow, off)
     nchunks = max(1, min(n, _CHUNKS_PER_THREAD * _num_threads()))
-    ws = np.empty((nchunks, wsrow), dtype=np.float64)
     acc = np.zeros((nchunks, prog.acc_size), dtype=np.float64)
     err = np.zeros((nchunks + 1, 5), dtype=np.int64)
     work = sum(int(np.sum(rows[:n] ** kk)) * st if kk else n * st
@@ -808,11 +835,16 @@ def execute(graph: Graph, inputs: Inputs) -> list:
         int(np.sum(rows[:n] ** g.inputs[k].type.tensor.ragged)) * _static(
             g.inputs[k].type.shape)[0] for _, _, k in prog.client_inputs)
     if n <= 1 or work < PARALLEL_MIN_WORK or nchunks == 1:
-        ok = _run_serial(prog, loc, ctab, rows, n, ws, wsrow, acc, err)
+        # chunks run one after the other: they share one workspace
+        rmax = np.asarray([rows[:n].max() if n else 0])
+        ws, wtab = _workspace(prog, rmax, nchunks)
+        ok = _run_serial(prog, loc, ctab, rows, n, wtab, acc, err)
     else:
+        starts = (np.arange(nchunks) * n) // nchunks
+        ws, wtab = _workspace(prog, np.maximum.reduceat(rows[:n], starts), nchunks)
         ok = K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows, n,
-                           nchunks, ws.ctypes.data, 8 * wsrow, acc, err, _kernels())
-    del keep
+                           nchunks, wtab, acc, err, _kernels())
+    del keep, ws
     if not ok:
         _raise(prog, err, g)
     # results
@@ -865,19 +897,49 @@ def _output(prog, how, ref, t, inputs, n, rows, arena, pers, pers_off):
 PARALLEL_MIN_WORK = 4_000_000
 
 
-def _run_serial(prog, loc, ctab, rows, n, ws, wsrow, acc, err) -> bool:
+def _workspace(prog: Program, rmax: np.ndarray, nchunks: int):
+    """Scratch memory for client temporaries: one region per distinct workspace, each sized
+    for the largest client that uses it (``rmax``: one entry per region, or one shared by all
+    chunks), so one huge client costs one huge region, not one per chunk.
+
+    Returns (the memory, ``wtab``: the address of every work slot in every chunk's region).
+    """
+    st, sl, kk = prog.slots[:, 0], prog.slots[:, 1], prog.slots[:, 2]
+    nslots = len(sl)
+    # sizes[slot, region] in floats, rounded up to 64-byte lines
+    sizes = sl[:, None] * rmax[None, :].astype(np.int64) ** kk[:, None]
+    sizes = -(-np.maximum(sizes, 1) // _ALIGN) * _ALIGN
+    offs = np.zeros_like(sizes)
+    extent = np.zeros(len(rmax), dtype=np.int64)
+    for s in np.unique(st):             # stages reuse the same region, one after the other
+        m = st == s
+        c = np.cumsum(sizes[m], axis=0)
+        offs[m] = c - sizes[m]
+        extent = np.maximum(extent, c[-1])
+    bases = np.zeros(len(rmax) + 1, dtype=np.int64)
+    np.cumsum(np.maximum(extent, 1), out=bases[1:])
+    ws = np.empty(int(bases[-1]), dtype=np.float64)
+    wtab = ws.ctypes.data + 8 * (offs + bases[None, :-1])
+    if len(rmax) != nchunks:
+        wtab = np.repeat(wtab[:, :1], nchunks, axis=1)
+    if nslots == 0:                     # numba wants a non-empty table
+        wtab = np.zeros((1, nchunks), dtype=np.int64)
+    return ws, np.ascontiguousarray(wtab)
+
+
+def _run_serial(prog, loc, ctab, rows, n, wtab, acc, err) -> bool:
     """All stages on the calling thread: the same interpreter, one chunk of clients."""
     fns = _kernels()
-    nchunks = ws.shape[0]
+    nchunks = wtab.shape[1]
     for s0, s1, c0, c1 in prog.stages.tolist():
         if K.run_part(prog.tape, s0, s1, prog.ip, prog.kind, loc, ctab, rows, -1, 0, n,
-                      nchunks, ws.ctypes.data, 8 * wsrow, acc, 0, err[-1], fns) != K.E_OK:
+                      nchunks, wtab, acc, 0, err[-1], fns) != K.E_OK:
             return False
         if c1 > c0:
             for c in range(nchunks):
                 if K.run_part(prog.tape, c0, c1, prog.ip, prog.kind, loc, ctab, rows,
                               (c * n) // nchunks, ((c + 1) * n) // nchunks, n, nchunks,
-                              ws.ctypes.data, 8 * wsrow, acc, c, err[c], fns) != K.E_OK:
+                              wtab, acc, c, err[c], fns) != K.E_OK:
                     return False
     return True
 
@@ -906,6 +968,13 @@ def _raise(prog: Program, err: np.ndarray, g: Graph):
         shown = "NaN" if value == -(2 ** 62) else str(value)
         raise ShapeError(f"{g.name}: {where}: index {shown} out of range for an axis of size "
                          f"{bound} on {who} (indices must lie in [-{bound}, {bound}))")
+    if code == K.E_INT:
+        raise DTypeError(f"{g.name}: {where}: integer result beyond +-2**53 on {who} (an "
+                         "overflow?); integers are exact only up to 2**53 in magnitude")
+    if code == K.E_BOUNDS:
+        raise LoweringError(f"{g.name}: {where}: the instruction's sizes do not fit its buffers "
+                            f"on {who} (a bug in the numba backend's lowering; nothing was "
+                            "read or written out of bounds)")
     if code == K.E_EMPTY:
         raise ShapeError(f"{g.name}: {where}: max/argmax over zero elements on {who} (a client "
                          "with zero rows?)")

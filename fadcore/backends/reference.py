@@ -2,6 +2,14 @@
 
 It is the oracle every other backend is tested against, so it is written for clarity, not
 speed. Client values are Python lists of per-client arrays.
+
+Two rules it shares with the numba backend, so that results never depend on the backend:
+
+* **float32** values are computed in float64 and each primitive's result is rounded to
+  float32 (NumPy would accumulate a float32 sum in float32: ``[1e8, 1, -1e8, 1]`` sums to
+  1.0 there, 2.0 here, the exact value);
+* **integers** are exact up to 2**53 in magnitude; a result beyond that (an overflow, a huge
+  float converted to an integer) is a :class:`DTypeError` instead of a wrapped-around value.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ import numpy as np
 
 from .. import ops
 from ..core import impl_rules
-from ..errors import LoweringError, ShapeError
+from ..errors import DTypeError, LoweringError, ShapeError, VerificationError
 from ..ir.graph import Graph, Literal
 from ..ir.types import CLIENTS
 from ..values import ClientValues
@@ -27,6 +35,24 @@ def _broadcast(n, rows, x):
 
 def _sum(n, rows, x):
     return np.sum(np.stack(x), axis=0)
+
+
+#: the aggregations: float32 operands are summed in float64, like local ops
+_AGGREGATIONS = (ops.sum_p, ops.secure_sum_p, ops.mean_p, ops.weighted_mean_p)
+MAX_EXACT_INT = 2 ** 53
+#: integer arithmetic runs in float64 too, so that an overflow shows instead of wrapping
+_INT_ARITH = frozenset({"add", "sub", "mul", "neg", "reduce_sum", "matmul", "matvec", "vecmat",
+                        "vdot", "outer", "sum", "secure_sum"})
+
+
+def _widen(x, ints=False):
+    """float32 data (and integers, with ``ints``) as float64; ``_cast`` rounds back."""
+    if isinstance(x, list):
+        return [_widen(m, ints) for m in x]
+    dt = getattr(x, "dtype", None)
+    if dt == np.float32 or (ints and dt is not None and dt.kind in "iu"):
+        return np.asarray(x, dtype=np.float64)
+    return x
 
 
 def _mean(n, rows, x):
@@ -72,10 +98,17 @@ def execute(graph: Graph, inputs: Inputs) -> list:
     for k, e in enumerate(graph.eqns):
         args = [read(a) for a in e.inputs]
         if e.prim.kind == "federated":
-            env[e.out] = fed_impls[e.prim](n, rows, *args)
+            if e.prim in _AGGREGATIONS:
+                ints = e.prim.name in _INT_ARITH
+                env[e.out] = _cast(fed_impls[e.prim](n, rows, *[_widen(a, ints) for a in args]),
+                                   e.out.type, None, e)
+            else:
+                env[e.out] = fed_impls[e.prim](n, rows, *args)
         elif (impl := impl_rules.get(e.prim)) is None:
             raise LoweringError(f"reference backend: no implementation of {e.prim.name}")
         elif e.out.type.placement is CLIENTS:
+            args = [_widen(a, e.prim.name in _INT_ARITH and e.out.type.dtype.is_int)
+                    for a in args]
             client = [not isinstance(a, Literal) and a.type.placement is CLIENTS
                       for a in e.inputs]
             outs = []
@@ -86,6 +119,8 @@ def execute(graph: Graph, inputs: Inputs) -> list:
                                            **_resolve(e.prim, e.params, r)), e.out.type, r, e))
             env[e.out] = outs
         else:
+            args = [_widen(a, e.prim.name in _INT_ARITH and e.out.type.dtype.is_int)
+                    for a in args]
             with _data_errors(e, None):
                 env[e.out] = _cast(impl(*args, **e.params), e.out.type, None, e)
         del args
@@ -118,8 +153,13 @@ def _cast(x, t, rows=None, eqn=None):
     """The value as the dtype of its type; its shape must be the type's (a check of the rules)."""
     x = np.asarray(x)
     want = t.tensor.concrete_shape(rows) if rows is not None else t.shape
+    name = eqn.prim.name if eqn else "?"
     if x.shape != tuple(want) and None not in want:
-        raise AssertionError(
-            f"reference: {eqn.prim.name if eqn else '?'} produced shape {x.shape}, its type "
-            f"says {t} (a shape rule and its implementation disagree)")
+        raise VerificationError(
+            f"reference: {name} produced shape {x.shape}, its type says {t} (a shape rule and "
+            "its implementation disagree)")
+    if t.dtype.is_int and x.size and not np.all((x > -MAX_EXACT_INT) & (x < MAX_EXACT_INT)):
+        src = f" (from {eqn.source})" if eqn is not None and eqn.source else ""
+        raise DTypeError(f"{name}{src}: integer result beyond +-2**53 (an overflow?); integers "
+                         "are exact only up to 2**53 in magnitude")
     return x if x.dtype == t.dtype.np else x.astype(t.dtype.np)
