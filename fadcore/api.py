@@ -180,6 +180,8 @@ def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
     jg = forward.jvp_graph(g, mask, ndirs)
     ncap = g.meta.get("num_captured", 0)
     nuser = len(g.inputs) - ncap
+    # a zero tangent entry times an infinite partial is 0 here, not NaN (docs/modes.md)
+    jg = forward.strong_zero_tangents(jg, range(nuser, nuser + ndirs * len(sel)))
     b = Builder(name)
     from .core import inline
     with b:

@@ -62,6 +62,27 @@ def test_costs_scale_with_clients_and_rows():
         fad.cost(g, clients=10)
 
 
+@pytest.mark.parametrize("kw, error, match", [
+    ({"rows": -5}, fad.ShapeError, r"rows=-5 must be at least 0"),
+    ({"rows": 2.5}, fad.ShapeError, r"rows= must be an int, got float 2\.5"),
+    ({"rows": True}, fad.ShapeError, r"rows= must be an int, got bool"),
+    ({"rows": "7"}, fad.ShapeError, r"rows= must be an int, got str"),
+    ({"clients": 0}, fad.CardinalityError, r"clients=0 must be at least 1"),
+    ({"clients": -3}, fad.CardinalityError, r"clients=-3 must be at least 1"),
+    ({"clients": 2.0}, fad.CardinalityError, r"clients= must be an int, got float"),
+])
+def test_cost_rejects_bad_counts(kw, error, match):
+    g = fad.grad(fed_mse).graph(*data(4))
+    with pytest.raises(error, match=match):
+        fad.cost(g, **{"clients": 10, "rows": 7, **kw})
+    assert fad.cost(g, clients=np.int64(10), rows=np.int64(0)).rounds == 2   # numpy ints are ints
+
+
+def test_cost_of_something_else_than_a_graph():
+    with pytest.raises(fad.FadError, match="expected a fad.Graph .* got TracedFunction"):
+        fad.cost(fed_mse, clients=10, rows=7)
+
+
 # --------------------------------------------------------------------------- two rounds
 
 @pytest.mark.parametrize("d", [3, 8])

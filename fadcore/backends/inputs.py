@@ -49,6 +49,9 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
                 raise PlacementError(f"{what}: got client values; a server value is a NumPy array")
             arr = np.asarray(x)
             if arr.dtype != t.dtype.np:
+                if isinstance(x, (bool, np.bool_)) or arr.dtype.kind == "b":
+                    raise DTypeError(f"{what}: got the bool {x!r}; pass a number (a bool is "
+                                     "not silently made 0 or 1)")
                 if isinstance(x, (int, float)) or (arr.dtype.kind in "iu" and t.dtype.is_float
                                                    and arr.ndim == 0):
                     arr = arr.astype(t.dtype.np)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ShapeError
+import numpy as np
+
+from ..errors import CardinalityError, FadError, ShapeError
 from .graph import Graph
 from .primitives import COMMUNICATION, Comm, CostClass
 from .rounds import rounds as decompose
@@ -73,6 +75,15 @@ def cost_table(reports: dict) -> str:
 _COMM = frozenset(p.name for p in COMMUNICATION)
 
 
+def _count(name: str, v, least: int, error) -> int:
+    """An int >= ``least``; bools, floats and strings are mistakes, not counts."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise error(f"fad.cost: {name}= must be an int, got {type(v).__name__} {v!r}")
+    if v < least:
+        raise error(f"fad.cost: {name}={v} must be at least {least}")
+    return int(v)
+
+
 def _nbytes(t, rows) -> int:
     tt = getattr(t, "tensor", t)
     if tt.ragged and rows is None:
@@ -105,6 +116,11 @@ def eqn_flops(e, rows) -> int:
 
 def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
     """``fad.cost(graph, clients=N, rows=R)``: rounds, bytes, client state and FLOPs."""
+    if not isinstance(graph, Graph):
+        raise FadError(f"fad.cost: expected a fad.Graph (e.g. f.graph(*args)), got "
+                       f"{type(graph).__name__}")
+    clients = _count("clients", clients, 1, CardinalityError)
+    rows = None if rows is None else _count("rows", rows, 0, ShapeError)
     rs = decompose(graph)
     down = up = 0
     per_round = []

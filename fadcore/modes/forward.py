@@ -9,6 +9,8 @@ graph (primal work is shared by CSE).
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..core import Builder, jvp_rules, source_scope, bind
 from ..errors import DifferentiationError
 from ..ir.graph import Graph, Literal, Var
@@ -88,4 +90,45 @@ def jvp_graph(graph: Graph, mask: list[bool], ndirs: int = 1, *, instantiate_zer
     inputs = b.inputs
     g = Graph(inputs, b.eqns, out_atoms, name=b.name,
               meta={"num_captured": ncap} if ncap else {})
+    return simplify(g)
+
+
+def strong_zero_tangents(graph: Graph, tangent_inputs) -> Graph:
+    """``graph`` with every tangent-by-coefficient product made a *strong zero*: a zero tangent
+    times anything (``inf``, ``nan``) is 0, as in ``select(t == 0, 0, t * c)``.
+
+    A JVP along ``e_j`` multiplies each partial derivative by a tangent entry, and IEEE gives
+    ``0 * inf = nan``: ``grad(sum(log(x)))`` at ``x = [0, 1]`` by one-hot directions would be
+    ``[inf, nan]`` where reverse mode (which multiplies cotangents, all 1 here) gives
+    ``[inf, 1]``. Forward-mode ``grad`` runs its JVP graph through this rewrite so that a
+    component only sees the partials on its own paths. ``tangent_inputs`` are the positions of
+    the tangent inputs; a product is rewritten when exactly one operand depends on them (a
+    ``mul``, or a ``div`` with the tangent on top).
+    """
+    from .. import ops
+    tan = {graph.inputs[i] for i in tangent_inputs}
+    b = Builder(graph.name)
+    with b:
+        env: dict[Var, object] = {v: b.new_input(v.type) for v in graph.inputs}
+
+        def read(a):
+            return a.value if isinstance(a, Literal) else env[a]
+
+        for e in graph.eqns:
+            dep = [isinstance(a, Var) and a in tan for a in e.inputs]
+            args = [read(a) for a in e.inputs]
+            with source_scope(e.source):
+                out = bind(e.prim, *args, **e.params)
+                if (e.prim.name == "mul" and dep[0] != dep[1]) or (
+                        e.prim.name == "div" and dep[0] and not dep[1]):
+                    t, c = (args[0], e.inputs[1]) if dep[0] else (args[1], e.inputs[0])
+                    if not (isinstance(c, Literal) and np.isfinite(c.value).all()
+                            and (e.prim.name == "mul" or (c.value != 0).all())):
+                        out = ops.select(ops.eq(t, 0), 0.0, out)
+            env[e.out] = out
+            if any(dep):
+                tan.add(e.out)
+        outs = [b.atom(read(a)) for a in graph.outputs]
+    g = Graph(b.inputs, b.eqns, outs, in_tree=graph.in_tree, out_tree=graph.out_tree,
+              name=graph.name, meta=dict(graph.meta))
     return simplify(g)
