@@ -10,8 +10,9 @@ from . import ops as _ops  # noqa: F401  (defines the primitives)
 from . import numpy, nn, pytree  # noqa: F401
 from .backends import run, set_default_backend, default_backend
 from .errors import (CardinalityError, ClosureError, DifferentiationError, DTypeError,
-                     FadError, LoweringError, PlacementError, ResourceError, SerializationError,
-                     ShapeError, TracingError, VerificationError)
+                     FadError, LoweringError, PlacementError, ResourceError,
+                     SecureAggregationError, SerializationError, ShapeError, TracingError,
+                     VerificationError)
 from .federated import broadcast, map, mean, num_clients, secure_sum, sum, weighted_mean
 from .ir.graph import Graph
 from .ir.types import (CLIENTS, SERVER, DType, FederatedType, Placement, TensorType, bool_,
@@ -42,3 +43,6 @@ __all__ += ["cost", "cost_table", "CostReport", "CostWeights", "explain"]
 from .testing.gradcheck import check_grads  # noqa: E402
 
 __all__ += ["check_grads"]
+from .backends.secagg import SecureAggregation  # noqa: E402
+
+__all__ += ["SecureAggregation", "SecureAggregationError"]

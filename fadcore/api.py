@@ -142,6 +142,8 @@ def _grad_impl(f, argnums, mode, state, policy, weights, boundaries, with_value)
         dg.in_tree = tree
         dg.out_tree = ("tuple", (pytree.LEAF, gtree)) if with_value else gtree
         dg.meta.update(mode=mode, state=state if mode != "forward" else None)
+        if policy is not None and policy.secure:
+            dg.meta["policy"] = "secure_sum"     # fad.run's secure aggregation is on by default
         _check_policy(dg, policy)
         return dg, captured
 
@@ -338,6 +340,8 @@ def _vjp_function(base: TracedFunction, mode, state, policy) -> TracedFunction:
         dg.in_tree = tree
         dg.out_tree = _retree(ptree, leaves_tree)
         dg.meta.update(mode=mode, state=state)
+        if policy is not None and policy.secure:
+            dg.meta["policy"] = "secure_sum"     # fad.run's secure aggregation is on by default
         return dg, captured
 
     return TracedFunction(make_graph, f"vjp({fname})")

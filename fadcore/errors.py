@@ -8,6 +8,7 @@ __all__ = [
     "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",
     "SerializationError", "VerificationError", "DifferentiationError",
     "CardinalityError", "LoweringError", "TracingError", "ResourceError",
+    "SecureAggregationError",
 ]
 
 
@@ -57,3 +58,8 @@ class TracingError(FadError):
 
 class ResourceError(FadError, MemoryError):
     """Running a graph would need more memory than allowed; raised before allocating it."""
+
+
+class SecureAggregationError(FadError):
+    """Secure aggregation cannot proceed: a cohort below its minimum, a value outside the
+    fixed point range, clients that dropped out after masking, bad parameters."""

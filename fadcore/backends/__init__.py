@@ -6,6 +6,7 @@ import warnings
 
 from .. import pytree
 from ..errors import FadError
+from ..ir.primitives import Comm
 from ..ir.resources import check_memory
 from .inputs import prepare_inputs
 
@@ -81,8 +82,12 @@ def available() -> dict:
     return {name: _TABLE[name] for name in _IMPORTS if name in _TABLE}
 
 
-def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None = None, **kw):
-    """Run ``graph`` on flat argument leaves; returns the flat outputs."""
+def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None = None,
+             secure_aggregation=False, **kw):
+    """Run ``graph`` on flat argument leaves; returns the flat outputs.
+
+    ``secure_aggregation`` (see :func:`run`; False here: a traced function's call evaluates
+    the whole cohort in this process, where there is no server to hide anything from)."""
     name = backend or default_backend()
     fn = _load(name)
     if fn is None and backend is None:      # the default just fell back (numba missing)
@@ -91,13 +96,28 @@ def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None 
     if fn is None:
         why = f": {_MISSING[name]}" if name in _MISSING else ""
         raise FadError(f"backend {name!r} is not available{why}; have {sorted(available())}")
+    from .secagg import resolve
+    secure = resolve(secure_aggregation, graph)
     inputs = prepare_inputs(graph, leaves, num_clients)
     check_memory(graph, inputs.rows, inputs.num_clients)      # before anything is allocated
+    if secure is not None and any(e.prim.comm is Comm.SECURE_AGGREGATE for e in graph.eqns):
+        if name == "dask":
+            return fn(graph, inputs, secure=secure, **kw)
+        from . import inprocess
+        return inprocess.execute(graph, inputs, evaluator=name, secure=secure, **kw)
     return fn(graph, inputs, **kw)
 
 
-def run(graph, *args, backend: str | None = None, num_clients: int | None = None, **kw):
-    """``fad.run(graph, *args)``: run a graph on arguments shaped like its traced function's."""
+def run(graph, *args, backend: str | None = None, num_clients: int | None = None,
+        secure_aggregation=None, **kw):
+    """``fad.run(graph, *args)``: run a graph on arguments shaped like its traced function's.
+
+    ``secure_aggregation``: every ``secure_sum`` becomes a masked aggregation
+    (:mod:`fadcore.backends.secagg`): ``True`` (default parameters), a
+    ``fad.SecureAggregation(...)``, ``False``, or None (the default: on when the graph was
+    made under ``fad.Policy(aggregation="secure_sum")``). With ``backend="numba"`` or
+    ``"reference"`` the clients are simulated in this process by the round executor's
+    in-process runtime (keyword ``chunk_size=``), each masking its own contribution."""
     from ..errors import TracingError
     if graph.meta.get("num_captured"):
         raise TracingError("this graph closes over values of an enclosing trace; it cannot run alone")
@@ -106,5 +126,5 @@ def run(graph, *args, backend: str | None = None, num_clients: int | None = None
         raise FadError(
             f"fad.run: arguments have structure {pytree.tree_str(tree)} but the graph takes "
             f"{pytree.tree_str(graph.in_tree)}")
-    outs = run_flat(graph, leaves, backend, num_clients, **kw)
+    outs = run_flat(graph, leaves, backend, num_clients, secure_aggregation, **kw)
     return pytree.unflatten(graph.out_tree, outs)

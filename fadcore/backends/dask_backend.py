@@ -41,7 +41,6 @@ import uuid
 import warnings
 from collections import OrderedDict
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,13 +51,11 @@ except ImportError as _err:   # available() skips the backend
     raise ImportError("the dask backend needs dask[distributed]: "
                       "pip install 'fadcore[dask]'") from _err
 
-from .. import ops
-from ..core import infer_type
-from ..errors import FadError, LoweringError
-from ..ir.graph import Eqn, Graph, Literal, Var
-from ..ir.types import CLIENTS, SERVER, FederatedType
-from ..values import ClientValues
-from . import reference
+from ..errors import FadError
+from ..ir.graph import Graph
+from .executor import (EVALUATORS, Execution, RoundPlan, Runtime, StepResult,
+                       run_client_step, subgraph_from_text)
+from .executor import plan as _plan
 from .inputs import Inputs
 
 __all__ = ["execute", "default_client", "shutdown", "plan", "MIN_CHUNK", "CACHE_BYTES"]
@@ -69,164 +66,6 @@ MIN_CHUNK = 256
 CHUNKS_PER_THREAD = 2
 #: Bytes of packed client data whose worker copies are kept for reuse, per dask client.
 CACHE_BYTES = 1 << 30
-
-
-# --------------------------------------------------------------------------- the plan
-
-@dataclass
-class RoundPlan:
-    """What the driver and the tasks do in one round."""
-
-    index: int
-    prepare: Graph | None           # server equations before the broadcasts
-    update: Graph | None            # server equations after the aggregations
-    subgraph: Graph                 # client sub-graph: broadcasts, client eqns, partials
-    text: str                       # its JSON, what tasks receive
-    key: str                        # digest of ``text``
-    server_in: list                 # Vars: sub-graph SERVER inputs (the broadcast operands)
-    client_in: list                 # ("data", k) graph input k | ("state", r, j) kept j of r
-    aggregations: list              # (eqn, position of its first partial output)
-    num_partials: int
-    kept: list = field(default_factory=list)    # client Vars output for later use
-    last_use: int = 0               # last round reading this round's kept values
-
-
-@dataclass
-class Plan:
-    rounds: list
-    final: Graph | None
-    data_inputs: list               # graph input indices the tasks read
-    outputs: list                   # per graph output: ("server", atom) | ("data", k) |
-    #                                 ("kept", round, j)
-
-
-def _server_graph(eqns, name) -> Graph | None:
-    """The equations as a graph whose inputs are the server values they read."""
-    if not eqns:
-        return None
-    defined, inputs = set(), []
-    for e in eqns:
-        for a in e.inputs:
-            if isinstance(a, Var) and a not in defined and a not in inputs:
-                inputs.append(a)
-        defined.add(e.out)
-    return Graph(inputs, eqns, [e.out for e in eqns], name=name)
-
-
-def _partial_eqns(e: Eqn, x, w=None) -> list:
-    """Per-chunk partial sums standing in for aggregation ``e``."""
-    def summed(v):
-        out = Var(FederatedType(v.type.tensor, SERVER, True))
-        return Eqn(ops.sum_p, [v], out, {}, e.source)
-    if e.prim is ops.weighted_mean_p:
-        xw = Var(infer_type(ops.mul_p, [x.type, w.type], {}))
-        return [Eqn(ops.mul_p, [x, w], xw, {}, e.source), summed(xw), summed(w)]
-    return [summed(x)]
-
-
-def _resident(graph: Graph) -> set:
-    """Client values computed from the clients' own data alone (see :mod:`fadcore.ir.rounds`)."""
-    from ..ir import rounds as _rounds
-    if hasattr(_rounds, "resident"):
-        return _rounds.resident(graph)
-    return set()
-
-
-def plan(graph: Graph) -> Plan:
-    """The round-by-round execution plan of ``graph`` (cached on the graph)."""
-    cached = graph._lowered.get("dask")
-    if cached is not None:
-        return cached
-    rs = graph.rounds()
-    # client ``after`` only orders rounds; inside a task it is its operand
-    alias: dict = {}
-
-    def res(a):
-        while isinstance(a, Var) and a in alias:
-            a = alias[a]
-        return a
-
-    for e in graph.eqns:
-        if e.prim is ops.after_p and e.out.type.placement is CLIENTS:
-            alias[e.out] = res(e.inputs[0])
-    input_index = {v: k for k, v in enumerate(graph.inputs)}
-    # values a client computes from its own data alone are recomputed where needed, not kept
-    resident = {e.out: e for e in graph.eqns if e.out in _resident(graph)}
-    made_in: dict = {}              # client Var -> round whose sub-graph defines it
-    rounds = []
-    for r in rs:
-        defined, server_in, client_vars, eqns = set(), [], [], []
-
-        def use(a):
-            a = res(a)
-            if isinstance(a, Literal) or a in defined:
-                return a
-            if a in resident and r.index > 1:
-                e = resident[a]
-                eqns.append(Eqn(e.prim, [use(b) for b in e.inputs], e.out, e.params, e.source))
-                defined.add(a)
-                return a
-            group = server_in if a.type.placement is SERVER else client_vars
-            if a not in group:
-                group.append(a)
-            return a
-
-        for e in r.broadcasts + [e for e in r.client if e.out not in alias]:
-            if e.out in defined:        # a resident value already recomputed here
-                continue
-            ins = [use(a) for a in e.inputs]
-            eqns.append(Eqn(e.prim, ins, e.out, e.params, e.source))
-            defined.add(e.out)
-        partials, aggs = [], []
-        for e in r.aggregations:
-            x = use(e.inputs[0])
-            w = use(e.inputs[1]) if e.prim is ops.weighted_mean_p else None
-            new = _partial_eqns(e, x, w)
-            eqns += new
-            aggs.append((e, len(partials)))
-            partials += [q.out for q in new if q.out.type.placement is SERVER]
-        for v in defined:
-            made_in[v] = r.index
-        client_in = []
-        for v in client_vars:
-            if v in input_index:
-                client_in.append(("data", input_index[v]))
-            else:
-                client_in.append(("state", made_in[v], v))   # position fixed below
-        sub = Graph(server_in + client_vars, eqns, partials, name=f"{graph.name}.round{r.index}")
-        rounds.append(RoundPlan(r.index, _server_graph(r.prepare, f"{graph.name}.prepare{r.index}"),
-                                _server_graph(r.update, f"{graph.name}.update{r.index}"),
-                                sub, "", "", server_in, client_in, aggs, len(partials)))
-    by_index = {rp.index: rp for rp in rounds}
-
-    def keep(r, v, user):
-        rp = by_index[r]
-        if v not in rp.kept:
-            rp.kept.append(v)
-        rp.last_use = max(rp.last_use, user)
-        return rp.kept.index(v)
-
-    for rp in rounds:
-        rp.client_in = [s if s[0] == "data" else ("state", s[1], keep(s[1], s[2], rp.index))
-                        for s in rp.client_in]
-    outputs = []
-    for a, t in zip(graph.outputs, graph.out_types):
-        a = res(a)
-        if t.placement is SERVER or isinstance(a, Literal):
-            outputs.append(("server", a))
-        elif a in input_index:
-            outputs.append(("data", input_index[a]))
-        else:
-            outputs.append(("kept", made_in[a], keep(made_in[a], a, len(rounds) + 1)))
-    for rp in rounds:
-        sub = rp.subgraph
-        rp.subgraph = Graph(sub.inputs, sub.eqns, sub.outputs + rp.kept, name=sub.name)
-        rp.text = rp.subgraph.to_json()
-        rp.key = hashlib.sha256(rp.text.encode()).hexdigest()
-    data = sorted({s[1] for rp in rounds for s in rp.client_in if s[0] == "data"})
-    p = Plan(rounds, _server_graph(rs.final, f"{graph.name}.final"), data, outputs)
-    graph._lowered["dask"] = p
-    return p
 
 
 # --------------------------------------------------------------------------- task payloads
@@ -317,17 +156,8 @@ class SubgraphText:
         return SubgraphText, (self.key, self.text, self.num_partials)
 
 
-class ChunkResult:
-    """A chunk task's result: partial sums (travel to the driver) and kept client values
-    (stay on the worker for later rounds, or are gathered when they are graph outputs)."""
-
-    __slots__ = ("partials", "kept")
-
-    def __init__(self, partials, kept):
-        self.partials, self.kept = partials, kept
-
-    def __reduce__(self):
-        return ChunkResult, (self.partials, self.kept)
+#: A chunk task's result (partials travel to the driver; kept client values stay on the worker).
+ChunkResult = StepResult
 
 
 # dask's memory and transfer accounting: the array bytes these objects hold
@@ -342,9 +172,9 @@ def _sizeof_payload(x):
     return sum(np.asarray(v).nbytes for v in x.values)
 
 
-@_dask_sizeof.register(ChunkResult)
+@_dask_sizeof.register(StepResult)
 def _sizeof_result(x):
-    n = sum(p.nbytes for p in x.partials)
+    n = sum(int(p.nbytes) for p in x.partials)
     for ms in x.kept:
         # all-equal members (broadcast results) are one array referenced many times
         n += ms[0].nbytes if len({id(m) for m in ms[:2]}) == 1 else sum(m.nbytes for m in ms)
@@ -353,66 +183,37 @@ def _sizeof_result(x):
 
 # --------------------------------------------------------------------------- worker side
 
-_SUBGRAPHS: OrderedDict = OrderedDict()
-_NO_NUMBA: set = set()
-_WORKER_LOCK = threading.Lock()
+def run_chunk(sg: SubgraphText, spec, n: int, bcast, rows, evaluator: str, masking, keys,
+              *sources):
+    """Task: run a round's client step on one chunk of ``n`` clients (:func:`run_client_step`);
+    under secure aggregation each client masks its own contribution here, on the worker, with
+    its private key (``keys``, a future that never leaves the workers)."""
+    g = subgraph_from_text(sg.key, sg.text)
+    ms = [src.members() if j < 0 else src.kept[j] for j, src in zip(spec, sources, strict=True)]
+    ctx = None if masking is None else masking.for_group(keys.lo, keys.hi, keys)
+    return run_client_step(g, sg.num_partials, list(bcast.values) if bcast is not None else [],
+                           ms, n, rows, evaluator, sg.key, ctx)
 
 
-def _subgraph(sg: SubgraphText) -> Graph:
-    with _WORKER_LOCK:
-        g = _SUBGRAPHS.get(sg.key)
-        if g is not None:
-            _SUBGRAPHS.move_to_end(sg.key)
-            return g
-    g = Graph.from_json(sg.text)
-    with _WORKER_LOCK:
-        _SUBGRAPHS[sg.key] = g
-        while len(_SUBGRAPHS) > 256:
-            _SUBGRAPHS.popitem(last=False)
-    return g
+def _keygen(session, lo: int, hi: int):
+    """Task: the private keys of clients ``lo..hi-1`` (kept on the worker)."""
+    from .secagg import ClientKeys
+    return ClientKeys(session, range(lo, hi))
 
 
-def _evaluate(g: Graph, inputs: Inputs, evaluator: str, key: str) -> list:
-    if evaluator != "reference" and key not in _NO_NUMBA:
-        from . import available
-        run = available().get("numba")
-        if run is None:
-            if evaluator == "numba":
-                raise FadError("dask backend: the numba backend is not importable on this worker")
-        else:
-            try:
-                return run(g, inputs)
-            except LoweringError:
-                if evaluator == "numba":
-                    raise
-                _NO_NUMBA.add(key)
-    return reference.execute(g, inputs)
-
-
-def run_chunk(sg: SubgraphText, spec, n: int, bcast, rows, evaluator: str, *sources):
-    """Task: run a round's client sub-graph on one chunk of ``n`` clients."""
-    g = _subgraph(sg)
-    values = list(bcast.values) if bcast is not None else []
-    for j, src in zip(spec, sources, strict=True):
-        ms = src.members() if j < 0 else src.kept[j]
-        values.append(ms)
-    outs = _evaluate(g, Inputs(values, n, rows), evaluator, sg.key)
-    k = sg.num_partials
-    kept = []
-    for cv in outs[k:]:
-        kept.append([m if m.flags.c_contiguous else np.ascontiguousarray(m) for m in cv.members])
-    return ChunkResult([np.asarray(o) for o in outs[:k]], kept)
+def _public(keys) -> list:
+    return list(keys.public)
 
 
 def _identity(x):
     return x
 
 
-def _partials(res: ChunkResult) -> Payload:
+def _partials(res: StepResult) -> Payload:
     return Payload(res.partials)
 
 
-def _kept(res: ChunkResult, j: int):
+def _kept(res: StepResult, j: int):
     return res.kept[j]
 
 
@@ -562,85 +363,68 @@ def _rows_leaves(client, rows, chunks, homes):
     return out
 
 
-# --------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------- the dask client
+
+#: Seconds a round may take by default before the run fails with an error naming the round and
+#: its clients (a lost cluster never hangs a run). ``timeout=None`` waits forever.
+ROUND_TIMEOUT = 300.0
+
+_BY_ADDRESS: dict = {}
+
+
+def resolve_client(client) -> "distributed.Client":
+    """``client=``: None (the backend's own cluster), a running ``distributed.Client``, or a
+    scheduler address string such as ``'tcp://127.0.0.1:8786'`` (connected to once, reused)."""
+    if client is None:
+        return default_client()
+    if isinstance(client, str):
+        with _DEFAULT_LOCK:
+            c = _BY_ADDRESS.get(client)
+            if c is not None and c.status == "running":
+                return c
+            try:
+                c = distributed.Client(client, timeout=10, set_as_default=False)
+            except (OSError, TimeoutError, ValueError) as err:
+                raise FadError(
+                    f"dask backend: could not connect to the dask scheduler at client={client!r} "
+                    f"({type(err).__name__}: {err}); pass a running scheduler's address "
+                    "('tcp://host:port') or a distributed.Client") from err
+            _BY_ADDRESS[client] = c
+            return c
+    if not isinstance(client, distributed.Client):
+        raise FadError(f"dask backend: client= must be a distributed.Client or a scheduler "
+                       f"address string, got {type(client).__name__}")
+    if client.status != "running":
+        raise FadError(f"dask backend: the distributed.Client passed as client= is "
+                       f"{client.status} (closed clients cannot run tasks); pass a running one")
+    return client
+
+
+def _close_connected() -> None:
+    for c in _BY_ADDRESS.values():
+        _leaves.forget(c)
+        try:
+            c.close()
+        except Exception:   # noqa: BLE001 -- best effort at exit
+            pass
+    _BY_ADDRESS.clear()
+
+
+atexit.register(_close_connected)
+
+
+# --------------------------------------------------------------------------- the runtime
 
 def _chunks(n: int, chunk_size, client) -> list:
     if chunk_size is None:
         threads = max(1, sum(client.nthreads().values()))
         count = max(1, min(-(-n // MIN_CHUNK), CHUNKS_PER_THREAD * threads))
         chunk_size = -(-n // count)
-    elif not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    elif (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+          or chunk_size < 1):
         raise FadError(f"dask backend: chunk_size must be a positive integer, got {chunk_size!r}")
     chunk_size = int(chunk_size)
     return [(lo, min(n, lo + chunk_size)) for lo in range(0, n, chunk_size)]
-
-
-def _run_server(g: Graph | None, env: dict, n) -> None:
-    if g is None:
-        return
-    outs = reference.execute(g, Inputs([env[v] for v in g.inputs], n, None))
-    env.update(zip(g.outputs, outs))
-
-
-def _reduce(rp: RoundPlan, parts: list, n: int, env: dict) -> None:
-    def total(j):
-        acc = parts[0][j]
-        for p in parts[1:]:
-            acc = acc + p[j]
-        return acc
-
-    for e, j in rp.aggregations:
-        if e.prim is ops.weighted_mean_p:
-            val = total(j) / total(j + 1)
-        elif e.prim is ops.mean_p:
-            val = total(j) / n
-        else:
-            val = total(j)
-        env[e.out] = np.asarray(val, dtype=e.out.type.dtype.np)
-
-
-def _lost(rp: RoundPlan, graph: Graph, chunks, futures, err) -> FadError:
-    bad = next((i for i, f in enumerate(futures) if f.status != "finished"), None)
-    where = "" if bad is None else (
-        f" (chunk {bad + 1} of {len(chunks)}: clients {chunks[bad][0]}..{chunks[bad][1] - 1})")
-    if isinstance(err, distributed.scheduler.KilledWorker):
-        why = ("its task took down every worker that ran it (a crash inside the task: see the "
-               "worker logs)")
-    elif isinstance(err, TimeoutError):
-        why = "it did not finish within timeout= (no workers, or workers too slow)"
-    elif isinstance(err, distributed.comm.CommClosedError):
-        why = "the connection to the dask scheduler was lost"
-    else:
-        why = ("its client data or the client state kept from earlier rounds was lost and "
-               "cannot be recomputed")
-    return FadError(f"dask backend: round {rp.index} of {graph.name!r} failed{where}: {why} "
-                    f"({type(err).__name__}: {err}); rerun the computation")
-
-
-def execute(graph: Graph, inputs: Inputs, client=None, chunk_size: int | None = None,
-            evaluator: str = "auto", timeout: float | None = None, on_round=None) -> list:
-    """Run ``graph`` on a dask cluster; same results and contract as ``reference.execute``.
-
-    ``client``: a ``distributed.Client`` (default: the backend's own 2-worker LocalCluster);
-    ``chunk_size``: clients per task (default: about two tasks per worker thread, at least
-    :data:`MIN_CHUNK` clients each); ``evaluator``: what tasks run sub-graphs with
-    (``"auto"``: numba if importable, else ``"reference"``; or ``"numba"``); ``timeout``:
-    seconds allowed per round (None: no limit); ``on_round(info)``: called with a dict
-    (``round``, ``phase`` ``"submitted"``/``"done"``, ``client``, ``tasks``, ``chunks``,
-    ``broadcast``, ``partials``) after each round's tasks are submitted and once its partials
-    are in (monitoring, tests).
-    """
-    if evaluator not in ("auto", "numba", "reference"):
-        raise FadError(f"dask backend: evaluator must be 'auto', 'numba' or 'reference', "
-                       f"got {evaluator!r}")
-    p = plan(graph)
-    run = _Run(graph, p, inputs, client, chunk_size, evaluator, timeout, on_round)
-    for rp in p.rounds:
-        _run_server(rp.prepare, run.env, run.n)
-        run.round(rp)
-        _run_server(rp.update, run.env, run.n)
-    _run_server(p.final, run.env, run.n)
-    return run.outputs()
 
 
 #: What a lost chunk looks like: cancelled or lost futures, a task that killed its workers
@@ -649,58 +433,94 @@ _LOST = (CancelledError, distributed.scheduler.KilledWorker, TimeoutError,
          distributed.comm.CommClosedError)
 
 
-class _Run:
-    """The driver's state while one graph runs."""
+def _lost(what: str, graph: Graph, chunks, futures, err, timeout) -> FadError:
+    bad = [i for i, f in enumerate(futures) if f.status != "finished"]
+    where = ""
+    if bad:
+        clients = ", ".join(f"{chunks[i][0]}..{chunks[i][1] - 1}" for i in bad[:8])
+        more = f" and {len(bad) - 8} more chunks" if len(bad) > 8 else ""
+        where = f" (chunks {[i + 1 for i in bad[:8]]} of {len(chunks)}: clients {clients}{more})"
+    if isinstance(err, distributed.scheduler.KilledWorker):
+        why = ("its task took down every worker that ran it (a crash inside the task: see the "
+               "worker logs)")
+    elif isinstance(err, TimeoutError):
+        why = (f"it did not finish within timeout={timeout} seconds (no live workers, or "
+               "workers too slow: pass a larger timeout=)")
+    elif isinstance(err, distributed.comm.CommClosedError):
+        why = "the connection to the dask scheduler was lost"
+    else:
+        why = ("its client data or the client state kept from earlier rounds was lost and "
+               "cannot be recomputed")
+    return FadError(f"dask backend: {what} of {graph.name!r} failed{where}: {why} "
+                    f"({type(err).__name__}: {err}); rerun the computation")
 
-    def __init__(self, graph, p, inputs, client, chunk_size, evaluator, timeout, on_round):
-        self.graph, self.plan, self.inputs = graph, p, inputs
-        self.n = inputs.num_clients
+
+class DaskRuntime(Runtime):
+    """Client steps as tasks over chunks of clients on a ``distributed`` cluster."""
+
+    def __init__(self, client=None, chunk_size=None, evaluator="auto", timeout=ROUND_TIMEOUT,
+                 on_round=None):
+        if evaluator not in EVALUATORS:
+            raise FadError(f"dask backend: evaluator must be 'auto', 'numba' or 'reference', "
+                           f"got {evaluator!r}")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise FadError(f"dask backend: timeout must be a positive number of seconds or "
+                           f"None, got {timeout!r}")
+        self.client_arg, self.chunk_size = client, chunk_size
         self.evaluator, self.timeout, self.on_round = evaluator, timeout, on_round
-        self.env = {v: x for v, x in zip(graph.inputs, inputs.values)
-                    if v.type.placement is SERVER}
         self.kept: dict = {}        # round -> per-chunk task futures holding its kept values
-        self.out: dict = {}         # (round, j) -> per-chunk futures of member lists
-        self.chunks: list = []
-        if p.rounds:
-            self.client = client if client is not None else default_client()
-            self.chunks = _chunks(self.n, chunk_size, self.client)
-            homes = _homes(self.client, self.chunks)
-            self.data = _data_leaves(self.client, graph, inputs, p.data_inputs, self.chunks,
-                                     homes)
-            self.rows = _rows_leaves(self.client, inputs.rows, self.chunks, homes)
-            self.call = uuid.uuid4().hex[:12]
+        self.keys: list = []        # per chunk: a future of its clients' private keys
+
+    def start(self, execution: Execution) -> None:
+        self.graph, inputs = execution.graph, execution.inputs
+        self.client = resolve_client(self.client_arg)
+        self.groups = self.chunks = _chunks(inputs.num_clients, self.chunk_size, self.client)
+        self.call = uuid.uuid4().hex[:12]
+        homes = _homes(self.client, self.chunks)
+        self.data = _data_leaves(self.client, self.graph, inputs, execution.plan.data_inputs,
+                                 self.chunks, homes)
+        self.rows = _rows_leaves(self.client, inputs.rows, self.chunks, homes)
 
     def submit(self, fn, *args, key):
         return self.client.submit(fn, *args, pure=False, key=f"{key}-{self.call}")
 
-    def gather(self, rp, futures):
+    def gather(self, what, futures):
         try:
             if self.timeout is not None:
                 with self.client.as_current():
                     distributed.wait(futures, timeout=self.timeout)
             return self.client.gather(futures)
         except _LOST as err:
-            raise _lost(rp, self.graph, self.chunks, futures, err) from err
+            raise _lost(what, self.graph, self.chunks, futures, err, self.timeout) from err
 
-    def round(self, rp: RoundPlan) -> None:
+    def public_keys(self, session) -> list:
+        self.keys = [self.submit(_keygen, session, lo, hi, key=f"fad-keys-c{ci}")
+                     for ci, (lo, hi) in enumerate(self.chunks)]
+        pub = [self.submit(_public, k, key=f"fad-pub-c{ci}") for ci, k in enumerate(self.keys)]
+        return [pk for group in self.gather("the key agreement", pub) for pk in group]
+
+    def client_step(self, rp: RoundPlan, server_values: list, masking=None) -> list:
         c, chunks = self.client, self.chunks
         sg = _leaves.get(c, f"fad-graph-{rp.key}",
                          lambda: _leaf(c, SubgraphText(rp.key, rp.text, rp.num_partials),
                                        f"fad-graph-{rp.key}"), len(rp.text))
         bcast = None
         if rp.server_in:
-            bcast = _leaf(c, Payload([self.env[v] for v in rp.server_in]),
-                          f"fad-bcast-r{rp.index}-{self.call}")
+            bcast = _leaf(c, Payload(server_values), f"fad-bcast-r{rp.index}-{self.call}")
         spec = tuple(-1 if s[0] == "data" else s[2] for s in rp.client_in)
+        what = f"round {rp.index}"
         futs = []
         try:
             for ci, (lo, hi) in enumerate(chunks):
                 srcs = [self.data[s[1]][ci] if s[0] == "data" else self.kept[s[1]][ci]
                         for s in rp.client_in]
+                keys = self.keys[ci] if masking is not None else None
                 futs.append(self.submit(run_chunk, sg, spec, hi - lo, bcast, self.rows[ci],
-                                        self.evaluator, *srcs, key=f"fad-r{rp.index}-c{ci}"))
+                                        self.evaluator, masking, keys, *srcs,
+                                        key=f"fad-r{rp.index}-c{ci}"))
         except _LOST as err:
-            raise _lost(rp, self.graph, chunks, futs, err) from err
+            raise _lost(what, self.graph, chunks, futs, err, self.timeout) from err
         info = dict(round=rp.index, phase="submitted", client=c, tasks=futs, chunks=chunks,
                     broadcast=bcast, partials=None)
         if self.on_round is not None:
@@ -710,34 +530,47 @@ class _Run:
             self.kept[rp.index] = futs
             pfuts = [self.submit(_partials, f, key=f"fad-p{rp.index}-c{ci}")
                      for ci, f in enumerate(futs)]
-            parts = [p.values for p in self.gather(rp, pfuts)]
+            parts = [p.values for p in self.gather(what, pfuts)]
         else:
             pfuts = futs
-            parts = [r.partials for r in self.gather(rp, futs)]
-        _reduce(rp, parts, self.n, self.env)
-        for kind, *ref in self.plan.outputs:
-            if kind == "kept" and ref[0] == rp.index and tuple(ref) not in self.out:
-                self.out[tuple(ref)] = [
-                    self.submit(_kept, f, ref[1], key=f"fad-o{rp.index}.{ref[1]}-c{ci}")
-                    for ci, f in enumerate(futs)]
-        for q in self.plan.rounds:
-            if q.index in self.kept and q.last_use <= rp.index:
-                del self.kept[q.index]
+            parts = [r.partials for r in self.gather(what, futs)]
         if self.on_round is not None:
             self.on_round(dict(info, phase="done", partials=pfuts))
+        return parts
 
-    def outputs(self) -> list:
-        outs = []
-        for (kind, *ref), t in zip(self.plan.outputs, self.graph.out_types):
-            if kind == "server":
-                a = ref[0]
-                outs.append(np.asarray(a.value if isinstance(a, Literal) else self.env[a],
-                                       dtype=t.dtype.np))
-            elif kind == "data":
-                outs.append(ClientValues([np.asarray(m) for m in self.inputs.values[ref[0]]],
-                                         all_equal=t.all_equal))
-            else:
-                lists = self.gather(self.plan.rounds[ref[0] - 1], self.out[tuple(ref)])
-                outs.append(ClientValues([m for ms in lists for m in ms],
-                                         all_equal=t.all_equal))
-        return outs
+    def client_output(self, rp: RoundPlan, j: int) -> list:
+        futs = [self.submit(_kept, f, j, key=f"fad-o{rp.index}.{j}-c{ci}")
+                for ci, f in enumerate(self.kept[rp.index])]
+        return [m for ms in self.gather(f"round {rp.index}", futs) for m in ms]
+
+    def release(self, round_index: int) -> None:
+        self.kept.pop(round_index, None)
+
+    def finish(self) -> None:
+        self.kept.clear()
+        self.keys = []
+
+
+def plan(graph: Graph, secure: bool = False):
+    """The round-by-round plan of ``graph`` (:func:`fadcore.backends.executor.plan`)."""
+    return _plan(graph, secure)
+
+
+def execute(graph: Graph, inputs: Inputs, client=None, chunk_size: int | None = None,
+            evaluator: str = "auto", timeout: float | None = ROUND_TIMEOUT, on_round=None,
+            secure=None) -> list:
+    """Run ``graph`` on a dask cluster; same results and contract as ``reference.execute``.
+
+    ``client``: a ``distributed.Client`` or a scheduler address (default: the backend's own
+    2-worker LocalCluster); ``chunk_size``: clients per task (default: about two tasks per
+    worker thread, at least :data:`MIN_CHUNK` clients each); ``evaluator``: what tasks run
+    client steps with (``"auto"``: numba if importable, else ``"reference"``; or ``"numba"``);
+    ``timeout``: seconds allowed per round (default :data:`ROUND_TIMEOUT`; None: no limit);
+    ``on_round(info)``: called with a dict (``round``, ``phase`` ``"submitted"``/``"done"``,
+    ``client``, ``tasks``, ``chunks``, ``broadcast``, ``partials``) after each round's tasks are
+    submitted and once its partials are in (monitoring, tests); ``secure``: a
+    :class:`fadcore.SecureAggregation` (each client masks its secure_sum contributions inside
+    its task, with a private key that stays on the workers).
+    """
+    runtime = DaskRuntime(client, chunk_size, evaluator, timeout, on_round)
+    return Execution(graph, inputs, runtime, secure).run()
