@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import ops
-from ..core import infer_type
 from ..errors import FadError, LoweringError
 from ..ir.graph import Eqn, Graph, Literal, Var
+from ..ir.primitives import Comm, after_p, infer_type, mean_p, sum_p, weighted_mean_p
 from ..ir.types import CLIENTS, SERVER, FederatedType
 from ..values import ClientValues
 from . import reference
@@ -116,8 +116,8 @@ def _partial_eqns(e: Eqn, x, w=None) -> list:
     """A group's partial sums standing in for aggregation ``e``."""
     def summed(v):
         out = Var(FederatedType(v.type.tensor, SERVER, True))
-        return Eqn(ops.sum_p, [v], out, {}, e.source)
-    if e.prim is ops.weighted_mean_p:
+        return Eqn(sum_p, [v], out, {}, e.source)
+    if e.prim is weighted_mean_p:
         xw = Var(infer_type(ops.mul_p, [x.type, w.type], {}))
         return [Eqn(ops.mul_p, [x, w], xw, {}, e.source), summed(xw), summed(w)]
     return [summed(x)]
@@ -149,7 +149,7 @@ def plan(graph: Graph, secure: bool = False) -> Plan:
         return a
 
     for e in graph.eqns:
-        if e.prim is ops.after_p and e.out.type.placement is CLIENTS:
+        if e.prim is after_p and e.out.type.placement is CLIENTS:
             alias[e.out] = res(e.inputs[0])
     input_index = {v: k for k, v in enumerate(graph.inputs)}
     # values a client computes from its own data alone are recomputed where needed, not kept
@@ -183,11 +183,11 @@ def plan(graph: Graph, secure: bool = False) -> Plan:
         for e in r.aggregations:
             x = use(e.inputs[0])
             aggs.append((e, len(partials)))
-            if secure and e.prim is ops.secure_sum_p:
+            if secure and e.prim.comm is Comm.SECURE_AGGREGATE:
                 masked.append(len(partials))
                 partials.append(x)          # each client's own contribution
                 continue
-            w = use(e.inputs[1]) if e.prim is ops.weighted_mean_p else None
+            w = use(e.inputs[1]) if e.prim is weighted_mean_p else None
             new = _partial_eqns(e, x, w)
             eqns += new
             partials += [q.out for q in new if q.out.type.placement is SERVER]
@@ -398,9 +398,9 @@ def combine(rp: RoundPlan, parts: list, n: int, env: dict, unmask=None) -> None:
     for e, j in rp.aggregations:
         if j in rp.secure:
             val = unmask(rp, e, [p[j] for p in parts])
-        elif e.prim is ops.weighted_mean_p:
+        elif e.prim is weighted_mean_p:
             val = total(j) / total(j + 1)
-        elif e.prim is ops.mean_p:
+        elif e.prim is mean_p:
             val = total(j) / n
         else:
             val = total(j)
