@@ -17,13 +17,13 @@ from .federated import broadcast, map, mean, num_clients, secure_sum, sum, weigh
 from .ir.graph import Graph
 from .ir.types import (CLIENTS, SERVER, DType, FederatedType, Placement, TensorType, bool_,
                        f32, f64, i32, i64)
-from .tracing import TracedFunction, trace
+from .tracing import RetraceWarning, TracedFunction, trace
 from .values import ClientValues, clients
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "trace", "TracedFunction", "Graph", "run", "clients", "ClientValues",
+    "trace", "TracedFunction", "RetraceWarning", "Graph", "run", "clients", "ClientValues",
     "broadcast", "sum", "mean", "weighted_mean", "secure_sum", "num_clients", "map",
     "SERVER", "CLIENTS", "Placement", "TensorType", "FederatedType", "DType",
     "f64", "f32", "i64", "i32", "bool_", "numpy", "nn",
@@ -32,10 +32,11 @@ __all__ = [
     "LoweringError", "TracingError", "ResourceError", "set_default_backend", "default_backend",
 ]
 
-from .api import grad, hvp, jacfwd, jvp, value_and_grad, vjp  # noqa: E402
+from .api import grad, hessian, hvp, jacfwd, jacrev, jvp, value_and_grad, vjp  # noqa: E402
 from .policy import Policy, audit  # noqa: E402
 
-__all__ += ["grad", "value_and_grad", "jvp", "vjp", "hvp", "jacfwd", "Policy", "audit"]
+__all__ += ["grad", "value_and_grad", "jvp", "vjp", "hvp", "jacfwd", "jacrev", "hessian",
+            "Policy", "audit"]
 from .ir.cost import CostReport, cost, cost_table  # noqa: E402
 from .modes.mixed import CostWeights, explain  # noqa: E402
 

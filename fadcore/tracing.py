@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import types as pytypes
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -11,10 +13,18 @@ from . import pytree
 from .core import Tracer, current_builder, inline, trace_to_graph
 from .errors import DTypeError, TracingError
 from .ir.graph import Graph
-from .ir.types import SERVER, FederatedType, TensorType, dtype_of
+from .ir.types import CLIENTS, SERVER, FederatedType, TensorType, dtype_of
 from .values import ClientValues
 
-__all__ = ["trace", "TracedFunction", "abstractify", "signature"]
+__all__ = ["trace", "TracedFunction", "abstractify", "signature", "RetraceWarning",
+           "cached_transform"]
+
+#: a traced function warns (once) when it has been traced for more signatures than this
+RETRACE_WARN_AFTER = 5
+
+
+class RetraceWarning(UserWarning):
+    """A traced function keeps being re-traced for new abstract signatures."""
 
 
 def abstractify(x) -> FederatedType:
@@ -56,6 +66,8 @@ class TracedFunction:
         self.__doc__ = doc
         self.fun = fun
         self._cache: dict = {}
+        self._signatures: list = []        # every signature traced (for the retrace warning)
+        self._warned = False
 
     def _graph_for(self, tree, types) -> tuple[Graph, list]:
         types = tuple(types)
@@ -66,7 +78,21 @@ class TracedFunction:
         graph, captured = self._make_graph(tree, list(types))
         if not captured:
             self._cache[key] = graph
+            if self.fun is not None:
+                self._note_retrace(key)
         return graph, captured
+
+    def _note_retrace(self, key) -> None:
+        sigs = self._signatures
+        sigs.append(key)
+        if self._warned or len(sigs) <= RETRACE_WARN_AFTER:
+            return
+        self._warned = True
+        warnings.warn(RetraceWarning(
+            f"{self.__name__} has been traced for {len(sigs)} different argument signatures "
+            f"(each trace re-derives and re-compiles); "
+            f"{_signature_change(_closest(sigs[:-1], key), key)}"),
+            stacklevel=4)
 
     def graph(self, *args) -> Graph:
         """The graph of this function at the given values or types."""
@@ -114,5 +140,67 @@ def trace(fun: Callable | None = None, *, name: str | None = None):
     return tf
 
 
+def _closest(sigs: list, new):
+    """The earlier signature most like ``new`` (a dtype change counts less than a shape's)."""
+    def distance(old):
+        if old[0] != new[0]:
+            return 10 ** 9
+        return sum(0 if a == b else 1 if a.shape == b.shape else 2
+                   for a, b in zip(old[1], new[1]))
+    return min(sigs, key=distance)
+
+
+def _signature_change(old, new) -> str:
+    """Why two signatures differ, with the usual cause and its fix."""
+    (t0, ty0), (t1, ty1) = old, new
+    if t0 != t1:
+        return (f"the argument structure changed from {pytree.tree_str(t0)} to "
+                f"{pytree.tree_str(t1)}")
+    for k, (a, b) in enumerate(zip(ty0, ty1)):
+        if a == b:
+            continue
+        hint = ""
+        if a.dtype != b.dtype:
+            hint = (" (a Python int then a float? pass floats, or np.float64 values, "
+                    "consistently)")
+        elif a.placement is b.placement is CLIENTS and a.shape != b.shape:
+            hint = (" (stacked client data of a new row count: build the values with "
+                    "fad.clients(..., ragged=True) to trace once for every row count)")
+        elif a.shape != b.shape:
+            hint = " (a new array shape)"
+        return f"argument leaf {k} changed from {a} to {b}{hint}"
+    return "the signatures differ"
+
+
+def _cache_of(f) -> dict | None:
+    """A per-function dict for memoized transforms, stored on the function itself (so it dies
+    with the function); None for callables that cannot hold attributes."""
+    if isinstance(f, pytypes.MethodType):
+        return None             # a bound method shares its function's __dict__ across objects
+    holder = getattr(f, "__dict__", None)
+    if not isinstance(holder, dict):
+        return None
+    return holder.setdefault("__fad_transforms__", {})
+
+
+def cached_transform(f, key, build: Callable):
+    """``build()``, memoized per function identity and ``key`` (hashable options): making
+    ``fad.grad(f)`` again returns the same traced function and its per-signature graphs."""
+    cache = _cache_of(f)
+    try:
+        hash(key)
+    except TypeError:
+        cache = None
+    if cache is None:
+        return build()
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = build()
+    return hit
+
+
 def as_traced(f) -> TracedFunction:
-    return f if isinstance(f, TracedFunction) else trace(f)
+    """``f`` itself if it is traced, else its (memoized) ``fad.trace(f)``."""
+    if isinstance(f, TracedFunction):
+        return f
+    return cached_transform(f, ("trace",), lambda: trace(f))
