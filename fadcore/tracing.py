@@ -92,7 +92,7 @@ class TracedFunction:
             f"{self.__name__} has been traced for {len(sigs)} different argument signatures "
             f"(each trace re-derives and re-compiles); "
             f"{_signature_change(_closest(sigs[:-1], key), key)}"),
-            stacklevel=4)
+            stacklevel=_user_stacklevel())
 
     def graph(self, *args) -> Graph:
         """The graph of this function at the given values or types."""
@@ -140,12 +140,23 @@ def trace(fun: Callable | None = None, *, name: str | None = None):
     return tf
 
 
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the innermost caller outside fadcore."""
+    import os
+    import sys
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    f, level = sys._getframe(1), 1
+    while f is not None and f.f_code.co_filename.startswith(pkg):
+        f, level = f.f_back, level + 1
+    return level
+
+
 def _closest(sigs: list, new):
     """The earlier signature most like ``new`` (a dtype change counts less than a shape's)."""
     def distance(old):
         if old[0] != new[0]:
             return 10 ** 9
-        return sum(0 if a == b else 1 if a.shape == b.shape else 2
+        return sum(0 if a == b else 1 if a.shape == b.shape else 2 if a.dtype == b.dtype else 3
                    for a, b in zip(old[1], new[1]))
     return min(sigs, key=distance)
 
@@ -160,9 +171,11 @@ def _signature_change(old, new) -> str:
         if a == b:
             continue
         hint = ""
-        if a.dtype != b.dtype:
+        if a.dtype != b.dtype and a.dtype.is_float != b.dtype.is_float:
             hint = (" (a Python int then a float? pass floats, or np.float64 values, "
                     "consistently)")
+        elif a.dtype != b.dtype:
+            hint = " (a new dtype: convert the arguments to one dtype before the call)"
         elif a.placement is b.placement is CLIENTS and a.shape != b.shape:
             hint = (" (stacked client data of a new row count: build the values with "
                     "fad.clients(..., ragged=True) to trace once for every row count)")
