@@ -42,8 +42,9 @@ from .modes.mixed import CostWeights, explain  # noqa: E402
 
 __all__ += ["cost", "cost_table", "CostReport", "CostWeights", "explain"]
 from .testing.gradcheck import check_grads  # noqa: E402
+from .batching import BatchingError, vmap  # noqa: E402
 
-__all__ += ["check_grads"]
+__all__ += ["check_grads", "vmap", "BatchingError"]
 from .backends.secagg import SecureAggregation  # noqa: E402
 
 __all__ += ["SecureAggregation", "SecureAggregationError"]
