@@ -235,12 +235,22 @@ def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
     from . import ops
     from .core import Builder
     from .ir.passes import simplify
+    fed = _communicates(g)
     for v, m in zip(g.inputs, mask):
-        if m and v.type.placement is not SERVER:
+        if m and v.type.placement is not SERVER and fed:
             raise DifferentiationError(
-                f"grad of {g.name}, mode='forward': per-client gradients (w.r.t. the client "
-                f"argument {v.type}) cannot be separated by forward mode; use mode='reverse' "
-                "or 'mixed'")
+                f"grad of {g.name}, mode='forward': w.r.t. the client argument {v.type} of a "
+                f"function that communicates ({', '.join(fed)}). Every client's argument "
+                "reaches the output through the aggregation, so separating the per-client "
+                "gradients by forward mode needs one direction per client and element (the "
+                "number of clients is only known when the graph runs), or the server's "
+                "derivative sent back to the clients, which is reverse mode's extra round. "
+                "Use mode='reverse', 'mixed' or 'auto' (see docs/modes.md, 'Forward mode and "
+                "client arguments')")
+        if m and None in v.type.shape:
+            raise DifferentiationError(
+                f"grad of {g.name}, mode='forward': the argument {v.type} has a ragged "
+                "dimension (?); forward mode needs a static number of directions")
     sel = [k for k, m in enumerate(mask) if m]
     dirs = []
     for k in sel:
@@ -265,7 +275,7 @@ def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
                 e = np.zeros(t.shape, dtype=t.dtype.np)
                 if d < len(dirs) and dirs[d][0] == k:
                     e.reshape(-1)[dirs[d][1]] = 1.0
-                tangents.append(e)
+                tangents.append(_placed_like(e, prim_in[k]))
         outs = inline(jg, prim_in + tangents + cap_in)
         value, touts = outs[0], outs[1:]
         grads = []

@@ -325,3 +325,31 @@ def test_retracing_warns_once_with_the_cause():
         for k in range(3):
             g(np.ones(k + 1))
             g(np.ones(k + 1, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- forward mode and
+# client arguments
+
+def test_forward_grad_wrt_client_arguments_of_a_local_function(rng):
+    a = np.array([0.5, -1.0, 2.0])
+    xs = rng.normal(size=(3, 4))
+
+    def f(a, x):                       # applied at the clients: one scalar per client
+        return fnp.sum(fnp.tanh(x * a))
+
+    args = (fad.clients(a), fad.clients(xs))
+    got = fad.grad(f, mode="forward")(*args)
+    want = [np.sum(x * (1 - np.tanh(x * ai) ** 2)) for ai, x in zip(a, xs)]
+    np.testing.assert_allclose(got.stack(), want, rtol=1e-12)
+    np.testing.assert_allclose(fad.grad(f)(*args).stack(), want, rtol=1e-12)
+    J = fad.jacfwd(lambda a, x: fnp.tanh(x * a), argnums=0)(*args)     # {f64[4]}@CLIENTS
+    for i in range(3):
+        np.testing.assert_allclose(J[i], xs[i] * (1 - np.tanh(xs[i] * a[i]) ** 2), rtol=1e-12)
+
+
+def test_forward_grad_wrt_a_client_argument_of_a_communicating_function_explains(rng):
+    def f(a, x):
+        return fad.mean(fnp.sum(fnp.tanh(x * a)))
+
+    with pytest.raises(fad.DifferentiationError, match="one direction per client"):
+        fad.grad(f, mode="forward")(fad.clients(np.ones(3)), fad.clients(np.ones((3, 2))))
