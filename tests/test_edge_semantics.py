@@ -91,3 +91,40 @@ def test_bools_are_not_numbers(value, backend):
     with pytest.raises(fad.DTypeError, match="got the bool"):
         fad.run(g, value, backend=backend)
     assert fad.run(g, 3, backend=backend) == 4                    # ints still are ints
+
+
+# --------------------------------------------------------------------------- negative labels
+
+def _xent(w, X, y):
+    logits = X @ fad.broadcast(w)
+    return fad.mean(fnp.mean(fad.nn.softmax_cross_entropy(logits, y)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_negative_labels_are_refused_naming_client_and_line(what, backend):
+    f = fad.trace(_xent)
+    w = np.ones((3, 4))
+    X = fad.clients([np.ones((2, 3)), np.ones((3, 3))])
+    y = fad.clients([np.array([0, 1]), np.array([1, -1, 3])])
+    g = (f if what == "loss" else fad.grad(f)).graph(w, X, y)
+    with pytest.raises(fad.ShapeError, match=r"argument 2 of \w+ \(\{i64\[\?\]\}@CLIENTS\) "
+                                             r"indexes take_along_axis at test_edge_semantics"
+                                             r"\.py:\d+ \(_xent\): client 1 holds -1 at \(1,\)"):
+        fad.run(g, w, X, y, backend=backend)
+    # the same labels without the -1 train class 3, not 3 and the last class
+    y_ok = fad.clients([np.array([0, 1]), np.array([1, 2, 3])])
+    assert np.isfinite(fad.run(g, w, X, y_ok, backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_labels_through_reshapes_and_one_hot(backend):
+    @fad.trace
+    def counts(labels):
+        return fad.sum(fnp.sum(fnp.one_hot(fnp.reshape(labels, (-1,)), 3), axis=0))
+
+    ok = fad.clients([np.array([[0], [2]]), np.array([[1]])])
+    np.testing.assert_array_equal(fad.run(counts.graph(ok), ok, backend=backend), [1, 1, 1])
+    bad = fad.clients([np.array([[0], [2]]), np.array([[-3]])])
+    with pytest.raises(fad.ShapeError, match=r"indexes one_hot .* client 1 holds -3 at \(0, 0\)"):
+        fad.run(counts.graph(bad), bad, backend=backend)

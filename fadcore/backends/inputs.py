@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import CardinalityError, DTypeError, PlacementError, ShapeError
-from ..ir.graph import Graph
+from ..ir.graph import Graph, Literal
 from ..ir.primitives import Comm
 from ..ir.types import CLIENTS, SERVER
 from ..values import ClientValues
@@ -101,4 +101,56 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
             "(to fad.run, or to the traced function's call)")
     if n is not None and n < 1:
         raise CardinalityError("a federated computation needs at least one client")
+    _check_index_arguments(graph, values)
     return Inputs(values, n, rows)
+
+
+# --------------------------------------------------------------------------- index arguments
+
+#: primitive -> position of its index operand
+_INDEX_OPERAND = {"take": 1, "take_along_axis": 1, "untake": 1, "untake_along_axis": 1,
+                  "one_hot": 0}
+#: primitives that pass integer values through unchanged (a label reshaped is still a label)
+_PASS_THROUGH = {"reshape", "transpose", "slice", "broadcast_in_dim", "stop_gradient",
+                 "broadcast", "after", "convert", "concatenate"}
+
+
+def index_arguments(graph: Graph) -> dict[int, tuple[str, str | None]]:
+    """Integer arguments used as indices (labels): argument position -> (the primitive that
+    indexes with it, its source line). Cached on the graph."""
+    hit = graph._lowered.get("index_arguments")
+    if hit is not None:
+        return hit
+    origin: dict = {}                     # var -> argument position it carries unchanged
+    for k, v in enumerate(graph.inputs):
+        if v.type.dtype.is_int:
+            origin[v] = k
+    found: dict[int, tuple[str, str | None]] = {}
+    for e in graph.eqns:
+        name = e.prim.name
+        pos = _INDEX_OPERAND.get(name)
+        if pos is not None and pos < len(e.inputs) and e.inputs[pos] in origin:
+            found.setdefault(origin[e.inputs[pos]], (name, e.source))
+        if name in _PASS_THROUGH and e.out.type.dtype.is_int:
+            srcs = {origin.get(a) for a in e.inputs if not isinstance(a, Literal)}
+            if len(srcs) == 1 and None not in srcs:
+                origin[e.out] = srcs.pop()
+    graph._lowered["index_arguments"] = found
+    return found
+
+
+def _check_index_arguments(graph: Graph, values: list) -> None:
+    """Labels and other index arguments must be >= 0: NumPy would read ``-1`` as the last
+    class and train it silently. Checked before any backend runs, so all of them agree."""
+    for k, (prim, source) in index_arguments(graph).items():
+        v = values[k]
+        members = v if isinstance(v, list) else [v]
+        for i, m in enumerate(members):
+            if m.size and m.min() < 0:
+                row = np.unravel_index(int(np.argmin(m)), m.shape)
+                who = f"client {i}" if isinstance(v, list) else "the server"
+                src = f" at {source}" if source else ""
+                raise ShapeError(
+                    f"argument {k} of {graph.name} ({graph.inputs[k].type}) indexes {prim}"
+                    f"{src}: {who} holds {int(m[row])} at {tuple(int(r) for r in row)}; "
+                    "indices and labels must be >= 0 (a negative label is not the last class)")
