@@ -439,7 +439,10 @@ def test_out_of_range_labels_raise(rng, bad):
     lab = ragged(rng, rows, high=5, dtype=np.int64)
     lab.members[1][2] = bad
     g = fad.trace(fed_logreg).graph(fad.f64[5, 5] @ fad.SERVER, X, lab)
-    with pytest.raises(fad.ShapeError, match=f"index {bad} out of range .* client 1"):
+    # a negative label is refused before the backend runs (backends/inputs.py)
+    match = (f"index {bad} out of range .* client 1" if bad >= 0 else
+             rf"indexes take_along_axis .* client 1 holds {bad} at \(2,\)")
+    with pytest.raises(fad.ShapeError, match=match):
         fad.run(g, rng.normal(size=(5, 5)), X, lab, backend="numba")
 
     def f(E, lab):
@@ -449,11 +452,17 @@ def test_out_of_range_labels_raise(rng, bad):
         fad.run(g, rng.normal(size=(5, 2)), lab, backend="numba")
 
 
-def test_negative_labels_wrap_like_numpy(rng):
+def test_negative_labels_are_refused_on_both_backends(rng):
+    # issue 18: a traced label -1 silently meant the last row; indices from arguments must be
+    # >= 0 (constant negative indices keep NumPy's meaning: the take of [4, 0, -1] above)
     def f(E, lab):
         return fad.sum(fnp.sum(fnp.take(fad.broadcast(E), lab, axis=0), axis=0))
-    lab = fad.clients([np.array([-1, 0, -5]), np.array([4])])
-    check(f, rng.normal(size=(5, 2)), lab)
+    lab = fad.clients([np.array([1, 0, -5]), np.array([4])])
+    E = rng.normal(size=(5, 2))
+    for backend in ("reference", "numba"):
+        with pytest.raises(fad.ShapeError, match=r"indexes take .* client 0 holds -5 at \(2,\)"):
+            fad.run(fad.trace(f).graph(E, lab), E, lab, backend=backend)
+    check(f, E, fad.clients([np.array([1, 0, 3]), np.array([4])]))
 
 
 def test_zero_row_client_max_is_an_error(rng):
