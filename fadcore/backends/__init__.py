@@ -1,4 +1,5 @@
-"""Backends execute graphs: ``reference`` (NumPy oracle), ``numba`` (default), ``dask``."""
+"""Backends execute graphs: ``reference`` (NumPy oracle), ``numba`` (default), ``dask``,
+``flower``."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def default_backend() -> str:
 
 
 def set_default_backend(name: str) -> None:
-    if name not in available():
+    if _load(name) is None:         # imports only that backend (flwr, dask take seconds)
         raise FadError(f"unknown backend {name!r}; choose one of {sorted(available())}")
     _default[0] = name
 
@@ -44,13 +45,20 @@ def _import_dask():
     return dask_backend.execute
 
 
+def _import_flower():
+    from . import flower
+    return flower.execute
+
+
 def _import_reference():
     from . import reference
     return reference.execute
 
 
-_IMPORTS = {"reference": _import_reference, "numba": _import_numba, "dask": _import_dask}
-_HINTS = {"numba": "pip install numba scipy", "dask": "pip install 'fadcore[dask]'"}
+_IMPORTS = {"reference": _import_reference, "numba": _import_numba, "dask": _import_dask,
+            "flower": _import_flower}
+_HINTS = {"numba": "pip install numba scipy", "dask": "pip install 'fadcore[dask]'",
+          "flower": "pip install 'fadcore[flower]'"}
 
 
 def _load(name: str):
