@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import fadcore as fad
 from fadcore import numpy as fnp
@@ -27,6 +28,8 @@ from fadcore.backends import flower  # noqa: E402
 from fadcore.backends.flower.server import FlowerRoundError, hello, run_graph  # noqa: E402
 
 from flower_faults import fault_mod  # noqa: E402
+from test_properties import assert_close, float_argnums, tangents_for  # noqa: E402
+from fadcore.testing.strategies import programs  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
@@ -231,3 +234,39 @@ def test_remat_graph_resamples_a_node_that_left(sim, faults):
                    fad.clients([ys[i] for i in round2]), backend="numba")
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
     assert traffic[1].resampled == [(sim.nodes(4)[1], sim.nodes(5)[4])]
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(prog=programs())
+def test_random_programs_agree_with_reference(sim, prog):
+    """Random federated programs (ragged clients, every aggregation) and their derivative
+    graphs on Flower vs the reference evaluator."""
+    f, args = prog
+    fl = float_argnums(args)
+    tangents = tangents_for(args, np.random.default_rng(0))
+    graphs = {
+        "primal": (f.graph(*args), args),
+        "reverse": (fad.grad(f, argnums=fl).graph(*args), args),
+        "reverse/remat": (fad.grad(f, argnums=fl, state="remat").graph(*args), args),
+        "mixed": (fad.grad(f, argnums=fl, mode="mixed").graph(*args), args),
+        "jvp": (fad.jvp(f).graph(tuple(args), tangents), (tuple(args), tangents)),
+    }
+    for what, (g, run_args) in graphs.items():
+        assert_close(run_flower(g, *run_args), fad.run(g, *run_args, backend="reference"),
+                     1e-12, f"{what} graph on flower vs reference")
+
+
+def test_ragged_gradient_made_from_a_broadcast_alone(sim):
+    """Round 2 of this gradient reads no client input, yet its output d/dX is ragged: each
+    node takes its row count from its own data (found by the property test above)."""
+    @fad.trace
+    def program(w, X):
+        return fad.sum(fnp.sum(X)) + fnp.sum(fnp.tanh(w))
+
+    w = np.array([0.4])
+    X = fad.clients([np.ones((2, 1)), np.full((5, 1), 2.0), np.zeros((1, 1))])
+    for kw in ({}, dict(state="remat"), dict(mode="mixed")):
+        f = fad.grad(program, argnums=(0, 1), **kw)
+        assert_same(f.run(w, X, backend="flower", timeout=TIMEOUT),
+                    f.run(w, X, backend="numba"))

@@ -196,8 +196,9 @@ def test_graphs_survive_json_round_trip(prog):
 
 # --------------------------------------------------------------------------- 2. backends
 
-#: dask runs its tasks on a LocalCluster: test_dask_backend_agrees_with_reference, fewer examples
-OTHER_BACKENDS = sorted(set(available()) - {"reference", "dask"})
+#: dask runs its tasks on a LocalCluster: test_dask_backend_agrees_with_reference, fewer examples;
+#: flower on a Flower simulation: tests/test_flower_backend.py, on that module's simulation
+OTHER_BACKENDS = sorted(set(available()) - {"reference", "dask", "flower"})
 
 
 @prop("backends")

@@ -153,11 +153,20 @@ def _inputs(g: Graph, cfg, context: Context, bcast: list):
                                 "state)")
             values.append(ClientValues([rec[str(j)].numpy()]))
     try:
-        return prepare_inputs(g, values, 1)
+        inputs = prepare_inputs(g, values, 1)
     except FadError as err:
         k = next((i for i in range(len(g.inputs)) if f"argument {i} " in str(err)), None)
         where = _first_use(g, k) if k is not None else ""
         raise NodeError(f"its data does not fit the graph{where}: {err}") from None
+    rows = cfg.get(P.ROWS)
+    if rows is not None and inputs.rows is None:
+        # this round reads no ragged input but its values are ragged: the node's row count
+        # comes from its own data (graph input rows[0], axis rows[1])
+        if data is None:
+            data = load_node_data(context, cfg)
+        pos = list(cfg.get(P.DATA_INPUTS, [])).index(int(rows[0]))
+        inputs.rows = np.array([np.shape(data[pos])[int(rows[1])]], dtype=np.int64)
+    return inputs
 
 
 def _evaluate(g: Graph, inputs, evaluator: str) -> list:

@@ -8,7 +8,8 @@ Server -> node, message type ``query.fad``, one per node per round:
   ``"d<k>"`` graph input k from the node's own data, ``"s<r>.<j>"`` value j the node kept in
   round r), ``data-inputs`` (the graph inputs the node's data tuple is aligned with),
   ``num-partials``, ``return`` (kept values to send back: client-placed graph outputs),
-  ``drop`` (rounds whose kept values are no longer needed), ``data`` (simulation only: the
+  ``drop`` (rounds whose kept values are no longer needed), ``rows`` (graph input and axis
+  giving the node's row count, for ragged graphs), ``data`` (simulation only: the
   directory of the arrays staged for the nodes), ``evaluator``;
 - ``"broadcast"`` (ArrayRecord): the round's broadcast operands, ``"0"``, ``"1"``, ...
 
@@ -38,7 +39,7 @@ CONFIG, BROADCAST, PARTIALS, OUTPUTS, REPLY = "fad", "broadcast", "partials", "o
 CALL, ROUND, GRAPH, GRAPH_TEXT = "call", "round", "graph", "graph-json"
 INPUTS, DATA_INPUTS, NUM_PARTIALS, RETURN, DROP = (
     "inputs", "data-inputs", "num-partials", "return", "drop")
-DATA, EVALUATOR = "data", "evaluator"
+DATA, EVALUATOR, ROWS = "data", "evaluator", "rows"
 STATUS, OK, NEED_GRAPH, ERROR = "status", "ok", "need-graph", "error"
 STATE_PREFIX, STATE_GRAPHS = "fad.state.", "fad.graphs"
 

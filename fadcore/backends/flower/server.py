@@ -96,6 +96,10 @@ class _Call:
         self.data, self.timeout, self.evaluator = data, timeout, evaluator
         self.on_dropout, self.on_round = on_dropout, on_round
         self.data_inputs = data_inputs
+        # a ragged graph's sub-graphs may need the row count where no ragged input is read
+        self.rows = next(([k, t.shape.index(None)] for k, t in
+                          ((k, graph.inputs[k].type) for k in data_inputs)
+                          if None in t.shape), None)
         self.call = uuid.uuid4().hex[:12]
         self.traffic: list = []
         self.kept_out: dict = {}            # (round, j) -> list of per-client arrays
@@ -115,6 +119,8 @@ class _Call:
                P.RETURN: wanted, P.DROP: drop, P.EVALUATOR: self.evaluator}
         if self.data:
             cfg[P.DATA] = self.data
+        if self.rows is not None:
+            cfg[P.ROWS] = list(self.rows)
         # Flower's ConfigRecord cannot count (nor needs) empty lists: leave them out
         cfg = {k: v for k, v in cfg.items() if not (isinstance(v, list) and not v)}
         if rp.key not in self.session.sent.get(node, ()):
