@@ -270,3 +270,12 @@ def test_ragged_gradient_made_from_a_broadcast_alone(sim):
         f = fad.grad(program, argnums=(0, 1), **kw)
         assert_same(f.run(w, X, backend="flower", timeout=TIMEOUT),
                     f.run(w, X, backend="numba"))
+
+
+def test_secure_aggregation_is_refused_clearly(sim):
+    """Masked secure sums need each node to mask its own contribution: not on Flower yet, so
+    a run that asks for them is a clear error, never a plaintext sum."""
+    from fadcore.examples import secure_mse
+    args = example_args_fed_mse()
+    with pytest.raises(fad.FadError, match="secure aggregation"):
+        secure_mse.run(*args, backend="flower", secure_aggregation=True, timeout=TIMEOUT)

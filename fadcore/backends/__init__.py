@@ -109,7 +109,7 @@ def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None 
     inputs = prepare_inputs(graph, leaves, num_clients)
     check_memory(graph, inputs.rows, inputs.num_clients)      # before anything is allocated
     if secure is not None and any(e.prim.comm is Comm.SECURE_AGGREGATE for e in graph.eqns):
-        if name == "dask":
+        if name in ("dask", "flower"):
             return fn(graph, inputs, secure=secure, **kw)
         from . import inprocess
         return inprocess.execute(graph, inputs, evaluator=name, secure=secure, **kw)

@@ -5,7 +5,8 @@ process (:mod:`.simulation`): the ServerApp runs the server work and sends each 
 client sub-graph (by hash after the first time) and the broadcast values; each ClientApp
 (:mod:`.client`) runs the sub-graph with fadcore on its own data, keeps stateful-reverse
 residuals in its own ``context.state`` and replies with its contribution to the aggregations,
-which the server combines (:mod:`.server`). ``fad export flower`` (:mod:`.export`) writes the
+which the server combines (:mod:`.server`: a runtime of the round executor,
+:mod:`fadcore.backends.executor`). ``fad export flower`` (:mod:`.export`) writes the
 same ServerApp/ClientApp as a Flower app for ``flwr run``. See docs/flower.md.
 """
 
@@ -19,6 +20,7 @@ except ImportError as _err:   # available() skips the backend
 
 from ...errors import FadError
 from ...ir.types import SERVER
+from ..executor import EVALUATORS
 from ..inputs import Inputs
 from .server import FlowerRoundError, RoundTraffic, run_graph
 from .simulation import Simulation, default_simulation, set_default_simulation, shutdown
@@ -36,7 +38,8 @@ def last_traffic() -> list:
 
 
 def execute(graph, inputs: Inputs, simulation: Simulation | None = None, timeout=None,
-            evaluator: str = "auto", on_dropout: str = "fail", on_round=None) -> list:
+            evaluator: str = "auto", on_dropout: str = "fail", on_round=None,
+            secure=None) -> list:
     """Run ``graph`` on Flower; same results and contract as ``reference.execute``.
 
     ``simulation``: a :class:`Simulation` (default: the process's, started on first use);
@@ -46,8 +49,8 @@ def execute(graph, inputs: Inputs, simulation: Simulation | None = None, timeout
     spare node where the graph keeps no client state across that round); ``on_round``:
     called with each round's :class:`RoundTraffic`.
     """
-    if evaluator not in ("auto", "reference"):
-        raise FadError(f"flower backend: evaluator must be 'auto' or 'reference', got "
+    if evaluator not in EVALUATORS:
+        raise FadError(f"flower backend: evaluator must be one of {EVALUATORS}, got "
                        f"{evaluator!r}")
     n = inputs.num_clients or 0
     sim = simulation if simulation is not None else default_simulation(n)
@@ -64,7 +67,7 @@ def execute(graph, inputs: Inputs, simulation: Simulation | None = None, timeout
         return run_graph(grid, graph, server_values, cohort, session=sim.session,
                          spares=spares, data=data, client_values=inputs.values,
                          timeout=timeout, evaluator=evaluator, on_dropout=on_dropout,
-                         on_round=on_round)
+                         on_round=on_round, secure=secure)
 
     outs, traffic = sim.submit(job)
     _LAST["traffic"] = traffic

@@ -24,10 +24,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from ...errors import FadError, LoweringError
+from ...errors import FadError
 from ...ir.graph import Graph
 from ...values import ClientValues
-from .. import reference
+from ..executor import run_client_step, subgraph_from_text
 from ..inputs import prepare_inputs
 from . import protocol as P
 
@@ -35,7 +35,6 @@ __all__ = ["app", "handle", "hello", "load_node_data"]
 
 app = ClientApp()
 
-_GRAPHS: OrderedDict = OrderedDict()       # per process: hash -> parsed Graph
 _DATA: OrderedDict = OrderedDict()         # per process: (source, node) -> arrays
 _LOCK = threading.Lock()
 
@@ -96,10 +95,6 @@ def load_node_data(context: Context, cfg) -> list:
 
 def _graph(cfg, context: Context) -> Graph | None:
     key = str(cfg[P.GRAPH])
-    with _LOCK:
-        g = _GRAPHS.get(key)
-    if g is not None:
-        return g
     text = cfg.get(P.GRAPH_TEXT)
     known = context.state.config_records.get(P.STATE_GRAPHS)
     if text is None and known is not None and key in known:
@@ -108,16 +103,12 @@ def _graph(cfg, context: Context) -> Graph | None:
         return None
     if P.digest(str(text)) != key:
         raise NodeError(f"the sub-graph sent does not match its hash {key[:12]}")
-    g = Graph.from_json(str(text))
+    g = subgraph_from_text(key, str(text))      # parsed once per process
     if known is None:
         known = context.state.config_records[P.STATE_GRAPHS] = ConfigRecord()
     known[key] = str(text)
     while len(known) > 64:
         del known[next(iter(known))]
-    with _LOCK:
-        _GRAPHS[key] = g
-        while len(_GRAPHS) > 256:
-            _GRAPHS.popitem(last=False)
     return g
 
 
@@ -169,20 +160,6 @@ def _inputs(g: Graph, cfg, context: Context, bcast: list):
     return inputs
 
 
-def _evaluate(g: Graph, inputs, evaluator: str) -> list:
-    if evaluator != "reference":
-        from .. import _load
-        run = _load("numba")
-        if run is not None:
-            try:
-                return run(g, inputs)
-            except LoweringError:
-                pass
-            except FadError:
-                pass        # rerun on the reference evaluator: its error names the user's line
-    return reference.execute(g, inputs)
-
-
 def _run_round(msg: Message, context: Context) -> RecordDict:
     cfg = msg.content.config_records[P.CONFIG]
     call = str(cfg[P.CALL])
@@ -195,21 +172,22 @@ def _run_round(msg: Message, context: Context) -> RecordDict:
     bcast = msg.content.array_records.get(P.BROADCAST)
     bvals = [] if bcast is None else [bcast[str(i)].numpy() for i in range(len(bcast))]
     inputs = _inputs(g, cfg, context, bvals)
+    k, nb = int(cfg[P.NUM_PARTIALS]), len(bvals)
     try:
-        outs = _evaluate(g, inputs, str(cfg.get(P.EVALUATOR, "auto")))
+        res = run_client_step(g, k, inputs.values[:nb], inputs.values[nb:], 1, inputs.rows,
+                              str(cfg.get(P.EVALUATOR, "auto")), str(cfg[P.GRAPH]))
     except FadError as err:
         raise NodeError(str(err)) from None
-    k = int(cfg[P.NUM_PARTIALS])
-    partials = ArrayRecord({str(i): P.array(o) for i, o in enumerate(outs[:k])})
-    kept = outs[k:]
+    partials = ArrayRecord({str(i): P.array(o) for i, o in enumerate(res.partials)})
+    kept = [ms[0] for ms in res.kept]
     if kept:
         context.state[P.state_key(call, int(cfg[P.ROUND]))] = ArrayRecord(
-            {str(j): P.array(cv.members[0]) for j, cv in enumerate(kept)})
+            {str(j): P.array(m) for j, m in enumerate(kept)})
     reply = RecordDict({P.PARTIALS: partials,
                         P.REPLY: ConfigRecord({P.STATUS: P.OK})})
     wanted = [int(j) for j in cfg.get(P.RETURN, [])]
     if wanted:
-        reply[P.OUTPUTS] = ArrayRecord({str(j): P.array(kept[j].members[0]) for j in wanted})
+        reply[P.OUTPUTS] = ArrayRecord({str(j): P.array(kept[j]) for j in wanted})
     for r in cfg.get(P.DROP, []):
         name = P.state_key(call, int(r))
         if name in context.state:

@@ -1,9 +1,10 @@
 """The Flower server side: run a graph's rounds on a Flower ``Grid``.
 
-Used by fadcore's simulation (:mod:`.simulation`) and by an exported ServerApp alike: server
-work runs here with the reference evaluator; each round sends every node of the cohort a
-``query.fad`` message (:mod:`.protocol`) and combines the contributions the nodes send back, in
-client order, exactly as the dask backend combines its chunks' partials.
+:class:`FlowerRuntime` is a runtime of the round executor (:mod:`fadcore.backends.executor`):
+the executor plans the rounds, runs the server work and combines partials; this runtime sends
+each round's client step to the nodes of the cohort as ``query.fad`` messages
+(:mod:`.protocol`) and hands back their contributions, one group per node, in client order.
+Used by fadcore's simulation (:mod:`.simulation`) and by an exported ServerApp alike.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from ...errors import FadError
-from ...ir.graph import Graph, Literal
+from ...ir.graph import Graph
 from ...ir.types import SERVER
-from ...values import ClientValues
+from ..executor import Execution, Runtime, plan
+from ..inputs import Inputs
 from . import protocol as P
-from .plan import plan as make_plan, reduce_partials, run_server
 
-__all__ = ["FlowerRoundError", "RoundTraffic", "Session", "hello", "run_graph"]
+__all__ = ["FlowerRoundError", "FlowerRuntime", "RoundTraffic", "Session", "hello", "run_graph"]
 
 
 class FlowerRoundError(FadError):
@@ -83,26 +84,33 @@ def _state_live(rp, rounds) -> list:
     return [q.index for q in rounds if q.index < rp.index and q.kept and q.last_use >= rp.index]
 
 
-class _Call:
-    """One graph run: the cohort of nodes, the server environment, the traffic."""
+class FlowerRuntime(Runtime):
+    """The round executor's runtime on Flower: one client per node, client i on
+    ``cohort[i]``; each round's client step travels as a ``query.fad`` message (see
+    :func:`run_graph` for the parameters)."""
 
-    def __init__(self, grid, session: Session, graph: Graph, server_values: dict, cohort: list,
-                 spares: list, data: str, timeout, evaluator, on_dropout, on_round, data_inputs):
-        self.grid, self.session, self.graph = grid, session, graph
-        self.plan = make_plan(graph)
-        self.env = dict(server_values)
+    def __init__(self, grid, session: Session, cohort: list, spares=(), data: str = "",
+                 timeout=None, evaluator: str = "auto", on_dropout: str = "fail",
+                 on_round=None):
+        self.grid, self.session = grid, session
         self.cohort, self.spares = list(cohort), list(spares)
-        self.n = len(cohort)
         self.data, self.timeout, self.evaluator = data, timeout, evaluator
         self.on_dropout, self.on_round = on_dropout, on_round
-        self.data_inputs = data_inputs
-        # a ragged graph's sub-graphs may need the row count where no ragged input is read
-        self.rows = next(([k, t.shape.index(None)] for k, t in
-                          ((k, graph.inputs[k].type) for k in data_inputs)
-                          if None in t.shape), None)
-        self.call = uuid.uuid4().hex[:12]
         self.traffic: list = []
-        self.kept_out: dict = {}            # (round, j) -> list of per-client arrays
+        self.kept_out: dict = {}            # (round, j) -> per-client arrays
+
+    def start(self, execution: Execution) -> None:
+        self.graph, self.plan, self.n = execution.graph, execution.plan, execution.n
+        if len(self.cohort) != self.n:
+            raise FadError(f"flower backend: {self.n} clients but {len(self.cohort)} nodes")
+        self.groups = [(i, i + 1) for i in range(self.n)]
+        self.call = uuid.uuid4().hex[:12]
+        self.data_inputs = [k for k, v in enumerate(self.graph.inputs)
+                            if v.type.placement is not SERVER]
+        # a ragged graph's steps may need the row count where no ragged input is read
+        self.rows = next(([k, t.shape.index(None)] for k, t in
+                          ((k, self.graph.inputs[k].type) for k in self.data_inputs)
+                          if None in t.shape), None)
 
     # ----------------------------------------------------------------------- one round
 
@@ -121,11 +129,10 @@ class _Call:
             cfg[P.DATA] = self.data
         if self.rows is not None:
             cfg[P.ROWS] = list(self.rows)
-        # Flower's ConfigRecord cannot count (nor needs) empty lists: leave them out
-        cfg = {k: v for k, v in cfg.items() if not (isinstance(v, list) and not v)}
         if rp.key not in self.session.sent.get(node, ()):
             cfg[P.GRAPH_TEXT] = rp.text
-        return cfg
+        # Flower's ConfigRecord cannot count (nor needs) empty lists: leave them out
+        return {k: v for k, v in cfg.items() if not (isinstance(v, list) and not v)}
 
     def _send(self, rp, nodes: list, bcast, traffic: RoundTraffic) -> dict:
         msgs = []
@@ -150,13 +157,16 @@ class _Call:
             f"flower backend: round {rp.index} of {len(self.plan.rounds)} of "
             f"{self.graph.name!r} failed on client node {node} (client {i} of {self.n}): {why}")
 
-    def round(self, rp) -> None:
+    def client_step(self, rp, server_values: list, masking=None) -> list:
+        if masking is not None:
+            raise FadError("flower backend: secure aggregation (masked secure_sum) is not "
+                           "implemented on Flower yet; run with secure_aggregation=False or "
+                           "on backend='dask'")
         t0 = time.perf_counter()
         tr = RoundTraffic(rp.index, self.n)
         bcast = None
         if rp.server_in:
-            bcast = ArrayRecord({str(i): P.array(self.env[v])
-                                 for i, v in enumerate(rp.server_in)})
+            bcast = ArrayRecord({str(i): P.array(x) for i, x in enumerate(server_values)})
             tr.down_values = P.value_bytes(bcast)
         replies = self._send(rp, self.cohort, bcast, tr)
         # a node that no longer has the sub-graph asks for it again (a restarted node)
@@ -187,11 +197,11 @@ class _Call:
                     self.kept_out.setdefault((rp.index, int(j)), [None] * self.n)[i] = \
                         outs[j].numpy()
         tr.up_values = int(round(sum(ups) / max(1, len(ups))))
-        reduce_partials(rp, parts, self.n, self.env)
         tr.seconds = time.perf_counter() - t0
         self.traffic.append(tr)
         if self.on_round is not None:
             self.on_round(tr)
+        return parts
 
     def _dropped(self, rp, i: int, node: int, bcast, tr: RoundTraffic) -> dict:
         timeout = f"did not reply within timeout={self.timeout}s"
@@ -214,20 +224,13 @@ class _Call:
                 return got
         raise self._fail(rp, i, node, f"{timeout} and no spare node is left to re-sample")
 
-    # ----------------------------------------------------------------------- the run
-
-    def run(self) -> list:
-        for rp in self.plan.rounds:
-            run_server(rp.prepare, self.env, self.n)
-            self.round(rp)
-            run_server(rp.update, self.env, self.n)
-        run_server(self.plan.final, self.env, self.n)
-        return self.env
+    def client_output(self, rp, j: int) -> list:
+        return self.kept_out[(rp.index, j)]
 
 
 def run_graph(grid, graph: Graph, server_values: list, cohort: list, *, session=None,
               spares=(), data: str = "", client_values=None, timeout=None,
-              evaluator: str = "auto", on_dropout: str = "fail", on_round=None):
+              evaluator: str = "auto", on_dropout: str = "fail", on_round=None, secure=None):
     """Run ``graph`` with its client work on the Flower nodes ``cohort`` (client i is node
     ``cohort[i]``); returns ``(outputs, traffic)``.
 
@@ -237,30 +240,19 @@ def run_graph(grid, graph: Graph, server_values: list, cohort: list, *, session=
     caller has them (only needed when the graph returns a client input unchanged);
     ``timeout``: seconds a round waits for replies (None: no limit); ``on_dropout``: "fail" or
     "resample" (replace a node that did not reply by one of ``spares``, allowed only where no
-    client state is live); ``on_round(traffic)``: called after each round.
+    client state is live); ``on_round(traffic)``: called after each round; ``secure``: a
+    ``fad.SecureAggregation`` (not supported on Flower yet: a clear error).
     """
     if on_dropout not in ("fail", "resample"):
         raise FadError(f"flower backend: on_dropout must be 'fail' or 'resample', got "
                        f"{on_dropout!r}")
-    if not cohort and any(v.type.placement is not SERVER for v in graph.inputs):
-        raise FadError("flower backend: no client nodes to run on")
-    data_inputs = [k for k, v in enumerate(graph.inputs) if v.type.placement is not SERVER]
-    server = {v: x for v, x in zip(graph.inputs, server_values) if v.type.placement is SERVER}
-    call = _Call(grid, session if session is not None else Session(), graph, server, cohort,
-                 list(spares), data, timeout, evaluator, on_dropout, on_round, data_inputs)
-    env = call.run()
-    outs = []
-    for (kind, *ref), t in zip(call.plan.outputs, graph.out_types):
-        if kind == "server":
-            a = ref[0]
-            outs.append(np.asarray(a.value if isinstance(a, Literal) else env[a],
-                                   dtype=t.dtype.np))
-        elif kind == "data":
-            if client_values is None:
-                raise FadError(f"flower backend: {graph.name} returns its client argument "
-                               f"{ref[0]} unchanged; that data stays on the nodes")
-            outs.append(ClientValues([np.asarray(m) for m in client_values[ref[0]]],
-                                     all_equal=t.all_equal))
-        else:
-            outs.append(ClientValues(call.kept_out[tuple(ref)], all_equal=t.all_equal))
-    return outs, call.traffic
+    if client_values is None and any(k == "data" for k, *_ in plan(graph).outputs):
+        raise FadError(f"flower backend: {graph.name} returns a client argument unchanged; "
+                       "that data stays on the nodes")
+    values = [x if v.type.placement is SERVER else
+              (client_values[k] if client_values is not None else None)
+              for k, (v, x) in enumerate(zip(graph.inputs, server_values))]
+    runtime = FlowerRuntime(grid, session if session is not None else Session(), cohort,
+                            spares, data, timeout, evaluator, on_dropout, on_round)
+    outs = Execution(graph, Inputs(values, len(cohort), None), runtime, secure).run()
+    return outs, runtime.traffic
