@@ -202,6 +202,32 @@ def _inspect(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """Write a deployable Flower app (ServerApp, ClientApp, pyproject.toml) for a function."""
+    import fadcore as fad
+    from fadcore.backends.flower.export import export_app
+    mod, fn = _load(args.function)
+    fname = args.function.partition(":")[2]
+    make = (_load(args.args)[1] if args.args else
+            getattr(mod, f"example_args_{fname}", None) or getattr(mod, "example_args", None))
+    if make is None:
+        raise SystemExit(f"fad export: give --args module:callable returning the arguments "
+                         f"(or define example_args_{fname} in {mod.__name__})")
+    client_data = args.client_data
+    if client_data is None:
+        if not hasattr(mod, f"client_data_{fname}"):
+            raise SystemExit(f"fad export: give --client-data module:function (what each node "
+                             f"calls to load its own data), or define client_data_{fname} in "
+                             f"{mod.__name__}")
+        client_data = f"{mod.__name__}:client_data_{fname}"
+    try:
+        pdir = export_app(fn, tuple(make()), args.out, client_data, spec=args.function)
+    except fad.FadError as e:
+        raise SystemExit(f"fad export: {e}") from None
+    print(f"wrote a Flower app to {args.out} ({pdir}); see {args.out}/README.md")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fad", description="fadcore: federated automatic "
                                      "differentiation")
@@ -250,6 +276,21 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=100, help="rows per client for the cost table")
     p.add_argument("--quiet", action="store_true", help="print the cost tables only")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser(
+        "export", help="write a deployable app for a federated runtime (flower)",
+        description="Trace module:function at example arguments and write a Flower app "
+        "(ServerApp, ClientApp, pyproject.toml) that runs its graph with `flwr run`; each node "
+        "loads its own data with the --client-data function. See docs/flower.md.")
+    p.add_argument("runtime", choices=("flower",), help="the runtime (flower)")
+    p.add_argument("function", help="module:function (a @fad.trace function, fad.grad(...), "
+                   "or a plain function)")
+    p.add_argument("--out", required=True, help="directory to write the app to")
+    p.add_argument("--args", help="module:callable returning the argument tuple (default: "
+                   "example_args_<function>): SERVER values are saved, client types kept")
+    p.add_argument("--client-data", help="module:function each node calls with its "
+                   "node_config, returning its arrays for the client arguments (default: "
+                   "client_data_<function> in the same module)")
+    p.set_defaults(func=_export)
     args = parser.parse_args(argv)
     return args.func(args)
 

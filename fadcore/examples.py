@@ -42,6 +42,15 @@ def secure_mse(w, X, y):
     return fad.secure_sum(fnp.mean(r * r)) / fad.num_clients()
 
 
+def client_data_fed_mse(node_config: dict) -> tuple:
+    """One node's client data for ``fed_mse``: client ``partition-id`` of
+    ``example_args_fed_mse()`` (``fad export flower fadcore.examples:fed_mse`` names it as the
+    nodes' ``client-data`` function)."""
+    _, X, y = example_args_fed_mse()
+    i = int(node_config["partition-id"])
+    return X[i], y[i]
+
+
 example_args_secure_mse = example_args_fed_mse
 
 

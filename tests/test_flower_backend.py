@@ -279,3 +279,11 @@ def test_secure_aggregation_is_refused_clearly(sim):
     args = example_args_fed_mse()
     with pytest.raises(fad.FadError, match="secure aggregation"):
         secure_mse.run(*args, backend="flower", secure_aggregation=True, timeout=TIMEOUT)
+
+
+def test_the_simulation_leaves_print_alone(sim):
+    """Ray patches builtins.print for its progress bars unless told not to: user code (and
+    fadcore's JSON refusal of builtins) must keep the real print."""
+    import builtins
+    run_flower(fed_mse.graph(*example_args_fed_mse()), *example_args_fed_mse())
+    assert type(builtins.print).__name__ == "builtin_function_or_method"

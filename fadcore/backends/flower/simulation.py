@@ -42,6 +42,24 @@ def _quiet_env() -> None:
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray would otherwise replace builtins.print in this process (for its tqdm bars) as soon
+    # as a worker logs a line
+    os.environ["RAY_TQDM_PATCH_PRINT"] = "0"
+
+
+def _at_exit(fn) -> None:
+    """Call ``fn`` when the interpreter exits, *before* Python joins non-daemon threads.
+
+    Flower's Simulation Runtime runs in threads Python joins at exit (its worker pool is a
+    ``concurrent.futures`` executor, joined by ``threading``'s own exit hooks, which run before
+    ``atexit``): the simulation must be told to stop first or the process never exits.
+    ``threading._register_atexit`` is the hook ``concurrent.futures`` itself uses; hooks run in
+    reverse order, so this one runs before the executor's join."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(fn)
+    else:   # pragma: no cover -- other Pythons: at least stop at atexit
+        atexit.register(fn)
 
 
 class Simulation:
@@ -85,6 +103,7 @@ class Simulation:
         self.thread = threading.Thread(target=self._main, name="fad-flower-simulation",
                                        daemon=True)
         self.thread.start()
+        _at_exit(self.close)
         if not self.ready.wait(start_timeout) or self.error is not None:
             raise FadError(f"flower backend: the Flower simulation did not start "
                            f"({self.error!r})") from self.error
@@ -122,14 +141,7 @@ class Simulation:
         self.start_seconds = time.perf_counter() - self.started
         self.ready.set()
         while True:
-            try:
-                job = self.jobs.get(timeout=0.5)
-            except queue.Empty:
-                # the interpreter is exiting: Python joins Flower's non-daemon threads before
-                # atexit handlers run, so end the ServerApp (and the simulation) now
-                if not threading.main_thread().is_alive():
-                    return
-                continue
+            job = self.jobs.get()
             if job is None:
                 return
             fn, fut = job
@@ -198,6 +210,7 @@ class Simulation:
         return d
 
     def close(self) -> None:
+        """Stop the simulation (Ray included) and remove the staged data; idempotent."""
         if self.thread.is_alive():
             self.jobs.put(None)
             self.thread.join(timeout=120)
@@ -219,9 +232,6 @@ def default_simulation(min_nodes: int = 1) -> Simulation:
             sim.close()
         sim = Simulation(max(DEFAULT_NODES, min_nodes))
         _DEFAULT["sim"] = sim
-        if not _DEFAULT.get("atexit"):
-            atexit.register(shutdown)
-            _DEFAULT["atexit"] = True
         return sim
 
 
