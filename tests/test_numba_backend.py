@@ -105,6 +105,44 @@ def test_every_primitive_has_an_opcode_or_alias():
         assert K.OPCODE_NAMES[code] in (name, "zeros_like", "aggregate"), name
 
 
+def test_opcode_table_is_checked_against_the_kernels(monkeypatch):
+    """One row per op; a row that disagrees with the jitted constants fails at import."""
+    from fadcore.backends.numba import kernels as K, opcodes
+    opcodes.check_table()
+    good = opcodes.OPS
+    bad = dict(good)
+    bad["exp"] = opcodes.Op("exp", K.OP_LOG, K.KI_UNARY, family="unary")
+    monkeypatch.setattr(opcodes, "OPS", bad)
+    with pytest.raises(RuntimeError, match="share an opcode"):
+        opcodes.check_table()
+    bad = dict(good)
+    bad["matmul"] = opcodes.Op("matmul", K.OP_MATMUL, K.KI_DOT, family="binary")
+    monkeypatch.setattr(opcodes, "OPS", bad)
+    with pytest.raises(RuntimeError, match="outside the binary range"):
+        opcodes.check_table()
+
+
+def test_disassemble_shows_every_row_with_its_source_line(rng):
+    from fadcore.backends.numba import disassemble
+    X = ragged(rng, [2, 3], 3)
+    y = ragged(rng, [2, 3])
+    g = fad.grad(fed_mse).graph(rng.normal(size=3), X, y)
+    text = disassemble(g)
+    rows = [l for l in text.splitlines() if l.startswith("  ")]
+    assert len(rows) == nb.lower(g).stats["instructions"]
+    assert all("test_numba_backend.py:" in l for l in rows), text
+    assert "stage 0 clients" in text and " matvec " in text and " aggregate " in text
+
+
+def test_lowering_is_a_pipeline_of_small_passes():
+    import inspect
+    from fadcore.backends.numba import lowering
+    assert len(lowering.PIPELINE) >= 6
+    for f in (*lowering.PIPELINE, lowering.assemble, lowering._client_part,
+              lowering._server_part, lowering.encode):
+        assert len(inspect.getsource(f).splitlines()) <= 60, f.__name__
+
+
 def test_unknown_primitive_is_a_lowering_error():
     from fadcore.core import Primitive
     from fadcore.ir.graph import Eqn, Graph, Var
@@ -625,7 +663,8 @@ def test_one_huge_client_does_not_multiply_the_workspace(rng, monkeypatch):
     """Scratch memory is sized per chunk of clients: one huge client costs one huge region,
     not one per chunk; the peak stays below the reference evaluator's."""
     import tracemalloc
-    monkeypatch.setattr(nb, "PARALLEL_MIN_WORK", 0)            # the parallel layout
+    from fadcore.backends.numba import runtime
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)       # the parallel layout
 
     @fad.trace
     def f(w, X):

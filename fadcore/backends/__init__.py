@@ -36,8 +36,8 @@ def _import_numba():
     except ImportError:
         raise ImportError("scipy is not installed, and numba needs it for matrix products "
                           "(pip install scipy)") from None
-    from . import numba_backend
-    return numba_backend.execute
+    from .numba import execute
+    return execute
 
 
 def _import_dask():
