@@ -1,14 +1,20 @@
-"""fadcore-numba vs the reference evaluator vs hand-written NumPy (vs JAX if importable).
+"""fadcore (public API, end to end) vs ``jax.jit`` of the DrJAX program vs hand-written NumPy.
 
-    python benchmarks/bench_numba.py            # everything (a few minutes)
-    python benchmarks/bench_numba.py --quick    # skip cold start and the reference at scale
+    python benchmarks/bench_numba.py             # everything (several minutes)
+    python benchmarks/bench_numba.py --quick     # fewer repetitions, no cold compile
+    python benchmarks/bench_numba.py --no-startup
 
-Prints, per (clients, rows, dim): the federated MSE loss and its gradient (best of several
-runs, milliseconds), one streaming pass over the client data (np.sum over X), the machine's
-memory bandwidth, and the ratios the targets are stated in; then a FedAvg round with 5 local
-steps and its gradient w.r.t. (server step, client weights); then cold start (empty numba
-cache) and warm start (new process, cache present). "kernel" times ``execute`` on checked
-inputs; "end-to-end" is ``fad.run`` (argument checking included). Never a test: ratios only.
+Workloads (float64): the gradient of the FedSGD loss ``fed_mse`` at (clients, rows, dim), and
+the FedAvg-round hypergradient (``fadcore.examples.make_fedavg_round``: K local SGD steps,
+gradient w.r.t. the server step eta and the client weights alpha). fadcore is timed as a
+user calls it: ``fad.grad(f)(w, X, y)`` on ``fad.clients(...)`` values (argument checks,
+input preparation and output building included). JAX: ``jax.jit(jax.grad(...))`` of the same
+program written with DrJAX (``drjax.program``, ``broadcast``, ``map_fn``, ``reduce_mean``),
+arguments already on the device. NumPy: vectorized over stacked clients. Times are medians of
+interleaved repetitions (the three contenders take turns), milliseconds; the machine's load
+average is printed beside them. Then start-up: a new process's first gradient (numba cache
+present), and a cold compile (empty numba cache, ``--quick`` skips it). Results are checked
+against each other before timing. Never a test: ratios only.
 """
 
 from __future__ import annotations
@@ -23,36 +29,40 @@ import time
 import numpy as np
 
 import fadcore as fad
-from fadcore.examples import make_fedavg_round
 from fadcore import numpy as fnp
-from fadcore.backends import numba_backend as nb
-from fadcore.backends import reference
-from fadcore.backends.inputs import prepare_inputs
+from fadcore.examples import make_fedavg_round
 
-SHAPES = [(1000, 64, 32), (100, 1000, 256), (10000, 16, 16)]
+MSE_SHAPES = [(100, 16, 16), (1000, 16, 16), (10000, 16, 16), (100000, 16, 16),
+              (1000, 64, 32), (100, 1000, 256)]
+FEDAVG_SHAPES = [(50, 32, 20, 5), (1000, 16, 16, 20)]
+CLIENT_LR = 0.1
 
 
-def best(fn, reps=7, budget=5.0):
-    fn()
-    ts = []
+def load() -> str:
+    return "load average %.1f %.1f %.1f" % os.getloadavg()
+
+
+def interleaved(fns: dict, reps: int, budget: float) -> dict:
+    """Median time (ms) of each function, the functions taking turns."""
+    for fn in fns.values():
+        fn()
+    ts = {k: [] for k in fns}
     t_end = time.perf_counter() + budget
     for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-        if time.perf_counter() > t_end:
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            ts[k].append(time.perf_counter() - t)
+        if time.perf_counter() > t_end and len(ts[k]) >= 3:
             break
-    return min(ts) * 1e3
+    return {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
 
+
+# --------------------------------------------------------------------------- fed_mse
 
 def fed_mse(w, X, y):
     r = X @ fad.broadcast(w) - y
     return fad.mean(fnp.mean(r * r))
-
-
-def numpy_mse(w, X, y):
-    r = X @ w - y
-    return np.mean(np.mean(r * r, axis=1))
 
 
 def numpy_mse_grad(w, X, y):
@@ -61,173 +71,233 @@ def numpy_mse_grad(w, X, y):
     return np.einsum("ci,cij->j", r, X) * (2.0 / (n * R))
 
 
-def bandwidth_gbs():
-    a = np.ones(2 ** 25)          # 256 MiB
-    b = np.empty_like(a)
-    t = best(lambda: np.copyto(b, a), reps=5)
-    return 2 * a.nbytes / (t / 1e3) / 1e9     # read + write
+def drjax_mse_grad(n):
+    import drjax
+    import jax
+    import jax.numpy as jnp
 
-
-def jax_fns():
-    try:
-        import jax
-        import jax.numpy as jnp
-        jax.config.update("jax_enable_x64", True)
-    except Exception:
-        return None
-
+    @drjax.program(placements={"clients": n})
     def loss(w, X, y):
-        r = jnp.einsum("cij,j->ci", X, w) - y
-        return jnp.mean(jnp.mean(r * r, axis=1))
-    try:
-        import drjax  # noqa: F401   (DrJAX's map/reduce lower to the same XLA ops)
-        name = "JAX (jit, x64; drjax importable)"
-    except Exception:
-        name = "JAX (jit, x64)"
-    return name, jax.jit(loss), jax.jit(jax.grad(loss)), jax
+        def client_loss(w, X, y):
+            r = X @ w - y
+            return jnp.mean(r * r)
+        return drjax.reduce_mean(drjax.map_fn(client_loss, (drjax.broadcast(w), X, y)))
+    return jax.jit(jax.grad(loss))
 
 
-def mse_table(quick):
-    bw = bandwidth_gbs()
-    print(f"memory bandwidth (copy, read+write): {bw:.1f} GB/s; threads: {nb._num_threads()}")
-    jx = jax_fns()
-    hdr = ["clients,rows,dim", "stream", "numba loss", "numba grad", "e2e grad", "numpy loss",
-           "numpy grad", "ref loss", "ref grad"] + ([jx[0] + " grad"] if jx else []) + [
-        "grad/stream", "grad/numpy", "grad/primal"]
-    rows_out = []
-    for n, R, d in SHAPES:
+# --------------------------------------------------------------------------- FedAvg hypergradient
+
+def numpy_fedavg_hypergrad(eta, alpha, w, X, y, K, lr):
+    """d loss(w_new) / d(eta, alpha), by hand: forward K local steps, then reverse."""
+    n, R, _ = X.shape
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    locs = [np.broadcast_to(w, (n, w.size)).copy()]
+    for _ in range(K):
+        z = np.einsum("cij,cj->ci", X, locs[-1])
+        locs.append(locs[-1] - lr * np.einsum("ci,cij->cj", sig(z) - y, X) / R)
+    delta = w - locs[-1]                                  # [n, d]
+    A = alpha.sum()
+    u = alpha @ delta / A
+    w_new = w - eta * u
+    z = X @ w_new                                         # [n, R]
+    g_w = np.einsum("ci,cij->j", sig(z) - y, X) / (n * R)
+    d_eta = -g_w @ u
+    # alpha: u = sum_i alpha_i delta_i / A
+    d_alpha = -eta * (delta @ g_w - u @ g_w) / A
+    # delta_i depends on alpha? no: the local steps depend only on w (wc), not on alpha
+    return d_eta, d_alpha
+
+
+def drjax_fedavg_hypergrad(n, K, lr):
+    import drjax
+    import jax
+    import jax.numpy as jnp
+
+    def client_loss(w, X, y):
+        z = X @ w
+        return jnp.mean(jnp.logaddexp(0.0, z) - y * z)
+
+    @drjax.program(placements={"clients": n})
+    def after_round(eta, alpha, w, X, y):
+        wc = drjax.broadcast(w)
+
+        def local_steps(w0, X, y):
+            local = w0
+            for _ in range(K):
+                local = local - lr * jax.grad(client_loss)(local, X, y)
+            return w0 - local
+        delta = drjax.map_fn(local_steps, (wc, X, y))
+        w_new = w - eta * drjax.reduce_weighted_mean(delta, alpha)
+        return drjax.reduce_mean(drjax.map_fn(client_loss, (drjax.broadcast(w_new), X, y)))
+    return jax.jit(jax.grad(after_round, argnums=(0, 1)))
+
+
+# --------------------------------------------------------------------------- tables
+
+def _row(label, t, has_numpy=True):
+    f, j, npy = t["fadcore"], t.get("jax", float("nan")), t.get("numpy", float("nan"))
+    cells = [f"{label:>20s}", f"{f:9.3f}", f"{j:9.3f}", f"{npy:9.3f}" if has_numpy else
+             f"{'-':>9s}", f"{f / j:8.2f}", f"{f / npy:8.2f}" if has_numpy else f"{'-':>8s}"]
+    print(" | ".join(cells), "|", load(), flush=True)
+
+
+def _header(first):
+    print(" | ".join([f"{first:>20s}", f"{'fadcore':>9s}", f"{'JAX+DrJAX':>9s}",
+                      f"{'NumPy':>9s}", f"{'fad/JAX':>8s}", f"{'fad/NumPy':>8s}"]))
+
+
+def mse_table(reps, budget, jax):
+    print("\nfed_mse gradient, ms (median of interleaved runs)")
+    _header("clients,rows,dim")
+    for n, R, d in MSE_SHAPES:
         rng = np.random.default_rng(0)
         X = rng.normal(size=(n, R, d))
         y = rng.normal(size=(n, R))
         w = rng.normal(size=d)
         Xc, yc = fad.clients(X), fad.clients(y)
-        gl = fad.trace(fed_mse).graph(w, Xc, yc)
-        gg = fad.grad(fed_mse).graph(w, Xc, yc)
-        il = prepare_inputs(gl, [w, Xc, yc])
-        ig = prepare_inputs(gg, [w, Xc, yc])
-        np.testing.assert_allclose(nb.execute(gg, ig)[0], numpy_mse_grad(w, X, y), rtol=1e-10)
-        t_stream = best(lambda: X.sum())
-        t_l = best(lambda: nb.execute(gl, il))
-        t_g = best(lambda: nb.execute(gg, ig))
-        t_e2e = best(lambda: fad.run(gg, w, Xc, yc, backend="numba"), reps=3)
-        t_nl = best(lambda: numpy_mse(w, X, y))
-        t_ng = best(lambda: numpy_mse_grad(w, X, y))
-        if quick and n * R * d > 3e6:
-            t_rl = t_rg = float("nan")
-        else:
-            t_rl = best(lambda: reference.execute(gl, il), reps=1)
-            t_rg = best(lambda: reference.execute(gg, ig), reps=1)
-        row = [f"{n},{R},{d}", t_stream, t_l, t_g, t_e2e, t_nl, t_ng, t_rl, t_rg]
-        if jx:
-            _, jl, jg, jax = jx
-            Xj, yj, wj = (jax.device_put(a) for a in (X, y, w))
-            row.append(best(lambda: jg(wj, Xj, yj).block_until_ready()))
-        row += [t_g / t_stream, t_g / t_ng, t_g / t_l]
-        rows_out.append(row)
-    _print(hdr, rows_out)
+        g = fad.grad(fed_mse)
+        want = numpy_mse_grad(w, X, y)
+        np.testing.assert_allclose(g(w, Xc, yc), want, rtol=1e-9)
+        fns = {"fadcore": lambda: g(w, Xc, yc), "numpy": lambda: numpy_mse_grad(w, X, y)}
+        if jax is not None:
+            jg = drjax_mse_grad(n)
+            wj, Xj, yj = (jax.device_put(a) for a in (w, X, y))
+            np.testing.assert_allclose(np.asarray(jg(wj, Xj, yj)), want, rtol=1e-9)
+            fns["jax"] = lambda: jg(wj, Xj, yj).block_until_ready()
+        big = n * R * d > 5e6
+        _row(f"{n},{R},{d}", interleaved(fns, max(3, reps // 3) if big else reps, budget))
 
 
-def fedavg_table():
-    K, lr = 5, 0.1
-
-    after_round = make_fedavg_round(K, lr)
-
-    def numpy_round(eta, alpha, w, X, y):
-        n, R, _ = X.shape
-        local = np.broadcast_to(w, (n, w.size)).copy()
-        for _ in range(K):
-            z = np.einsum("cij,cj->ci", X, local)
-            s = 1.0 / (1.0 + np.exp(-z)) - y
-            local -= lr * np.einsum("ci,cij->cj", s, X) / R
-        w_new = w - eta * (alpha @ (w - local)) / alpha.sum()
-        z = X @ w_new
-        return np.mean(np.mean(np.logaddexp(0.0, z) - y * z, axis=1))
-
-    print("\nFedAvg round, 5 local steps (value; value_and_grad w.r.t. (eta, alpha))")
-    hdr = ["clients,rows,dim", "numba value", "numba v&g", "numpy value", "ref value",
-           "ref v&g", "v&g/value"]
-    rows_out = []
-    for n, R, d in [(1000, 64, 32), (100, 1000, 256)]:
+def fedavg_table(reps, budget, jax):
+    print("\nFedAvg-round hypergradient d loss / d(eta, alpha), ms")
+    _header("clients,rows,dim,K")
+    for n, R, d, K in FEDAVG_SHAPES:
         rng = np.random.default_rng(1)
         X = rng.normal(size=(n, R, d)) / np.sqrt(d)
         y = (rng.random((n, R)) < 0.5).astype(np.float64)
         w = rng.normal(size=d)
         alpha = rng.uniform(0.5, 1.5, size=n)
-        args = (np.float64(0.5), fad.clients(alpha), w, fad.clients(X), fad.clients(y))
-        gv = after_round.graph(*args)
-        gg = fad.value_and_grad(after_round, argnums=(0, 1)).graph(*args)
-        iv = prepare_inputs(gv, list(args))
-        ig = prepare_inputs(gg, list(args))
-        np.testing.assert_allclose(nb.execute(gv, iv)[0], numpy_round(0.5, alpha, w, X, y),
-                                   rtol=1e-10)
-        rows_out.append([
-            f"{n},{R},{d}", best(lambda: nb.execute(gv, iv)), best(lambda: nb.execute(gg, ig)),
-            best(lambda: numpy_round(0.5, alpha, w, X, y)),
-            best(lambda: reference.execute(gv, iv), reps=1),
-            best(lambda: reference.execute(gg, ig), reps=1)])
-        rows_out[-1].append(rows_out[-1][2] / rows_out[-1][1])
-    _print(hdr, rows_out)
+        eta = np.float64(0.5)
+        f = make_fedavg_round(K, CLIENT_LR)
+        g = fad.grad(f, argnums=(0, 1))
+        args = (eta, fad.clients(alpha), w, fad.clients(X), fad.clients(y))
+        d_eta, d_alpha = numpy_fedavg_hypergrad(eta, alpha, w, X, y, K, CLIENT_LR)
+        got = g(*args)
+        np.testing.assert_allclose(got[0], d_eta, rtol=1e-8)
+        np.testing.assert_allclose(np.asarray(got[1]), d_alpha, rtol=1e-8, atol=1e-14)
+        fns = {"fadcore": lambda: g(*args),
+               "numpy": lambda: numpy_fedavg_hypergrad(eta, alpha, w, X, y, K, CLIENT_LR)}
+        if jax is not None:
+            jg = drjax_fedavg_hypergrad(n, K, CLIENT_LR)
+            jargs = [jax.device_put(a) for a in (eta, alpha, w, X, y)]
+            out = jg(*jargs)
+            np.testing.assert_allclose(float(out[0]), d_eta, rtol=1e-8)
+            fns["jax"] = lambda: jax.block_until_ready(jg(*jargs))
+        _row(f"{n},{R},{d},{K}", interleaved(fns, reps, budget))
 
+
+# --------------------------------------------------------------------------- start-up
 
 STARTUP = r"""
-import time, resource
+import time
 t0 = time.perf_counter()
 import numpy as np, fadcore as fad
 from fadcore import numpy as fnp
+t_import = time.perf_counter()
 def fed_mse(w, X, y):
     r = X @ fad.broadcast(w) - y
     return fad.mean(fnp.mean(r * r))
 rng = np.random.default_rng(0)
 X = fad.clients(rng.normal(size=(10, 8, 4))); y = fad.clients(rng.normal(size=(10, 8)))
 w = rng.normal(size=4)
-g = fad.grad(fed_mse).graph(w, X, y)
-fad.run(g, w, X, y, backend="numba")
-ru = resource.getrusage(resource.RUSAGE_SELF)
-print(time.perf_counter() - t0, ru.ru_utime + ru.ru_stime)
+g = fad.grad(fed_mse)
+t1 = time.perf_counter()
+g(w, X, y)
+t2 = time.perf_counter()
+g(w, X, y)
+t3 = time.perf_counter()
+print(t_import - t0, t2 - t1, t2 - t0, t3 - t2)
+"""
+
+JAX_STARTUP = r"""
+import time
+t0 = time.perf_counter()
+import numpy as np, jax, drjax, jax.numpy as jnp
+jax.config.update("jax_enable_x64", True)
+@drjax.program(placements={"clients": 10})
+def loss(w, X, y):
+    def cl(w, X, y):
+        r = X @ w - y
+        return jnp.mean(r * r)
+    return drjax.reduce_mean(drjax.map_fn(cl, (drjax.broadcast(w), X, y)))
+g = jax.jit(jax.grad(loss))
+rng = np.random.default_rng(0)
+X = rng.normal(size=(10, 8, 4)); y = rng.normal(size=(10, 8)); w = rng.normal(size=4)
+t1 = time.perf_counter()
+g(w, X, y).block_until_ready()
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1, t2 - t0, 0.0)
 """
 
 
-def startup(cache_dir=None):
+def _process(code, cache_dir=None):
     env = dict(os.environ)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = cache_dir
-    out = subprocess.run([sys.executable, "-c", STARTUP], capture_output=True, text=True,
-                         env=env, timeout=1200)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr)
-    wall, cpu = map(float, out.stdout.split()[-2:])
-    return wall, cpu
+    return [float(x) for x in out.stdout.split()[-4:]], out.stderr.strip()
 
 
-def startup_table(quick):
-    print("\nstart-up (new process: import, trace, derive, lower, first run)")
+def startup_table(quick, jax):
+    print("\nstart-up, seconds (a new process; a 10-client fed_mse gradient)")
+    print(f"{'':>34s} | {'import':>7s} | {'1st call':>8s} | {'total':>7s} | {'2nd call':>8s}")
+    runs = [("fadcore, numba cache present", STARTUP, None)]
+    if jax is not None:
+        runs.append(("JAX+DrJAX (jit compile)", JAX_STARTUP, None))
+    tmp = None
     if not quick:
-        with tempfile.TemporaryDirectory() as tmp:
-            wall, cpu = startup(tmp)
-            print(f"  cold (empty numba cache): {wall:6.2f} s wall, {cpu:6.2f} s CPU")
-    startup()     # make sure the default cache is populated
-    res = [startup() for _ in range(3)]
-    wall, cpu = min(r[0] for r in res), min(r[1] for r in res)
-    print(f"  warm (cache present):     {wall:6.2f} s wall, {cpu:6.2f} s CPU")
-
-
-def _print(hdr, rows):
-    w = [max(len(h), 10) for h in hdr]
-    print("  ".join(h.rjust(k) for h, k in zip(hdr, w)))
-    for r in rows:
-        cells = [r[0]] + [f"{v:.2f}" if isinstance(v, float) else str(v) for v in r[1:]]
-        print("  ".join(c.rjust(k) for c, k in zip(cells, w)))
+        tmp = tempfile.TemporaryDirectory()
+        runs.append(("fadcore, cold (empty numba cache)", STARTUP, tmp.name))
+    _process(STARTUP)           # make sure the cache exists
+    for label, code, cache in runs:
+        (imp, first, total, second), err = _process(code, cache)
+        print(f"{label:>34s} | {imp:7.2f} | {first:8.2f} | {total:7.2f} | {second * 1e3:6.2f}ms"
+              f" | {load()}")
+        if err and cache is not None:
+            print(f"{'':>34s}   stderr: {err.splitlines()[-1]}")
+    if tmp is not None:
+        tmp.cleanup()
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-startup", action="store_true")
+    ap.add_argument("--only", choices=["mse", "fedavg", "startup"])
     args = ap.parse_args()
-    print(f"fadcore numba backend benchmark (ms, best of several runs); load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    mse_table(args.quick)
-    fedavg_table()
-    startup_table(args.quick)
+    try:
+        import logging
+        logging.getLogger("absl").setLevel(logging.ERROR)     # DrJAX: "no mesh" notes
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import drjax  # noqa: F401
+    except ImportError:
+        print("JAX/DrJAX not installed (pip install jax drjax): their column stays empty")
+        jax = None
+    import numba
+    print(f"fadcore {fad.__version__ if hasattr(fad, '__version__') else ''}; numba "
+          f"{numba.__version__}; threads {numba.get_num_threads()}; cpus {os.cpu_count()}; "
+          f"{load()}")
+    reps, budget = (7, 4.0) if args.quick else (21, 15.0)
+    if args.only in (None, "mse"):
+        mse_table(reps, budget, jax)
+    if args.only in (None, "fedavg"):
+        fedavg_table(reps, budget, jax)
+    if args.only in (None, "startup") and not args.no_startup:
+        startup_table(args.quick, jax)
 
 
 if __name__ == "__main__":

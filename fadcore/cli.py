@@ -291,6 +291,10 @@ def main(argv=None) -> int:
                    "node_config, returning its arrays for the client arguments (default: "
                    "client_data_<function> in the same module)")
     p.set_defaults(func=_export)
+    p = sub.add_parser("warmup", help="compile the numba backend into its disk cache now",
+                       description="Compile (or load) the numba backend's kernels so that no "
+                       "later call pays the first-run compile (same as python -m fadcore.warmup)")
+    p.set_defaults(func=lambda args: (__import__("fadcore.warmup").warmup.warmup(), 0)[1])
     args = parser.parse_args(argv)
     return args.func(args)
 

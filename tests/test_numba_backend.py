@@ -752,3 +752,32 @@ def test_backend_table_is_not_rebuilt_per_call(monkeypatch):
         backends.available()
         fad.trace(lambda x: x * 2.0)(np.ones(2))
     assert calls == [1]
+
+
+# --------------------------------------------------------------------------- start-up
+
+def test_warmup_command_fills_the_cache():
+    out = _in_subprocess("""
+        import runpy, sys
+        sys.argv = ["fadcore.warmup"]
+        runpy.run_module("fadcore.warmup", run_name="__main__")
+    """)
+    assert out.returncode == 0, out.stderr
+    assert "numba backend ready" in out.stdout
+
+
+def test_a_slow_compile_says_so_once(caplog):
+    import time
+    from fadcore.backends.numba import _notice
+    _notice._said.clear()
+    with caplog.at_level("WARNING", logger="fadcore"):
+        for _ in range(2):
+            with _notice.compiling(after=0.05, poll=0.01):
+                t = time.process_time()
+                while time.process_time() - t < 0.3:        # burn CPU, like a compile
+                    pass
+        with _notice.compiling(after=10):                    # a fast (cached) load: silent
+            pass
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fadcore"]
+    assert msgs == [_notice.MESSAGE]
+    assert "python -m fadcore.warmup" in msgs[0]

@@ -14,10 +14,15 @@ instruction, integers are exact up to 2**53 (checked). See ``docs/performance.md
 
 from __future__ import annotations
 
-from .disasm import disassemble
-from .lowering import PIPELINE, Program, lower
-from .opcodes import AGG_MODE, ALIASES, ELEMENTWISE, EXACT, OPCODES, OPS, Op
-from .runtime import execute
+from ._notice import compiling
+
+with compiling():                   # the kernels are @cfunc: compiled (or loaded) on import
+    from . import kernels  # noqa: F401
+
+from .disasm import disassemble  # noqa: E402
+from .lowering import PIPELINE, Program, lower  # noqa: E402
+from .opcodes import AGG_MODE, ALIASES, ELEMENTWISE, EXACT, OPCODES, OPS, Op  # noqa: E402
+from .runtime import execute  # noqa: E402
 
 __all__ = ["execute", "lower", "disassemble", "Program", "PIPELINE", "OPS", "Op", "OPCODES",
            "ALIASES", "AGG_MODE", "ELEMENTWISE", "EXACT"]

@@ -15,6 +15,7 @@ from ...ir.types import CLIENTS, TensorType, bool_, f64
 from ...values import ClientValues
 from ..inputs import Inputs
 from . import kernels as K
+from ._notice import compiling
 from .lowering import Program, lower
 from .opcodes import static_size as _static
 
@@ -197,12 +198,17 @@ def execute(graph: Graph, inputs: Inputs) -> list:
         # chunks run one after the other: they share one workspace
         rmax = np.asarray([rows[:n].max() if n else 0])
         ws, wtab = _workspace(prog, rmax, nchunks)
-        ok = _run_serial(prog, loc, ctab, rows, n, wtab, acc, err)
+        run = _run_serial
     else:
         starts = (np.arange(nchunks) * n) // nchunks
         ws, wtab = _workspace(prog, np.maximum.reduceat(rows[:n], starts), nchunks)
-        ok = K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows, n,
-                           nchunks, wtab, acc, err, _kernels())
+        run = _run_parallel
+    if run in _RAN:
+        ok = run(prog, loc, ctab, rows, n, wtab, acc, err)
+    else:                   # the first run of each path compiles it (or loads the cache)
+        with compiling():
+            ok = run(prog, loc, ctab, rows, n, wtab, acc, err)
+        _RAN.add(run)
     del keep, ws
     if not ok:
         _raise(prog, err, g)
@@ -284,6 +290,15 @@ def _workspace(prog: Program, rmax: np.ndarray, nchunks: int):
     if nslots == 0:                     # numba wants a non-empty table
         wtab = np.zeros((1, nchunks), dtype=np.int64)
     return ws, np.ascontiguousarray(wtab)
+
+
+_RAN: set = set()
+
+
+def _run_parallel(prog, loc, ctab, rows, n, wtab, acc, err) -> bool:
+    """All stages, clients in a prange over chunks (one workspace column per chunk)."""
+    return K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows, n,
+                         wtab.shape[1], wtab, acc, err, _kernels())
 
 
 def _run_serial(prog, loc, ctab, rows, n, wtab, acc, err) -> bool:
