@@ -781,3 +781,71 @@ def test_a_slow_compile_says_so_once(caplog):
     msgs = [r.getMessage() for r in caplog.records if r.name == "fadcore"]
     assert msgs == [_notice.MESSAGE]
     assert "python -m fadcore.warmup" in msgs[0]
+
+
+# --------------------------------------------------------------------------- blocks of clients
+
+@pytest.fixture(params=[1, 2, 3, 7, 1000], ids=lambda b: f"block{b}")
+def block(request, monkeypatch):
+    """Force the number of clients per block (1: client-major execution)."""
+    from fadcore.backends.numba import runtime
+    monkeypatch.setattr(runtime, "block_size", lambda prog, rows, n: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["ragged", "stacked"])
+def test_blocks_give_the_reference_results(rng, block, stacked):
+    rows = [4, 1, 6, 2, 3, 5, 2, 7, 1, 3, 4] if not stacked else [5] * 11
+    mk = (lambda *s: fad.clients(rng.normal(size=(len(rows), *s)))) if stacked else (
+        lambda *s: ragged(rng, rows, *s[1:]))
+    X, T = mk(5, 4), mk(5, 2, 3)
+    check(f_shapes, X, T)
+    for mode in ("reverse", "forward"):
+        g = fad.grad(fed_mse, mode=mode)
+        check(g, rng.normal(size=4), X, mk(5))
+    lab = fad.clients([rng.integers(0, 5, size=r) for r in rows])
+    check(f_gathers, mk(5, 5) if not stacked else fad.clients(rng.normal(size=(11, 5, 5))),
+          fad.clients([rng.integers(0, 5, size=5) for _ in rows]) if stacked else lab,
+          rng.normal(size=(5, 3)))
+    f = make_fedavg_round(3, 0.1)
+    args = (np.float64(0.5), fad.clients(rng.uniform(0.5, 1.5, size=len(rows))),
+            rng.normal(size=4), X, fad.clients([(rng.random(x.shape[0]) < 0.5) * 1.0
+                                                 for x in X.members]))
+    check(fad.grad(f, argnums=(0, 1)), *args)
+
+
+def test_blocks_of_float32_and_int_values(rng, block):
+    X = fad.clients(rng.normal(size=(9, 4, 3)).astype(np.float32))
+    lab = fad.clients(rng.integers(-3, 3, size=(9, 4)))
+    check(lambda X, l: (fad.sum(fnp.sum(fnp.exp(X) * 1.5, axis=1)), l * 3 + 1,
+                        fad.sum(fnp.sum(l * l))), X, lab)
+
+
+def test_blocks_name_the_client_of_a_bad_index(rng, block):
+    lab = [rng.integers(0, 3, size=4) for _ in range(50)]
+    lab[37] = np.array([0, 1, 7, 2])
+    X = fad.clients(rng.normal(size=(50, 4, 3)))
+    f = fad.trace(lambda X, l: fad.sum(fnp.sum(nn.softmax_cross_entropy(X, l))))
+    with pytest.raises(fad.ShapeError, match="index 7 .* client 37"):
+        f.run(X, fad.clients(lab), backend="numba")
+
+
+def test_hundred_thousand_equal_clients_in_blocks(rng):
+    from fadcore.backends.numba import runtime
+    n, r, d = 100_000, 2, 3
+    X = rng.normal(size=(n, r, d))
+    y = rng.normal(size=(n, r))
+    w = rng.normal(size=d)
+    g = fad.grad(fed_mse)
+    got = g(w, fad.clients(X), fad.clients(y))
+    want = np.einsum("ci,cij->j", 2.0 * (X @ w - y), X) / (n * r)     # NumPy is the oracle
+    np.testing.assert_allclose(got, want, rtol=1e-11)
+    prog = nb.lower(g.graph(w, fad.clients(X), fad.clients(y)))
+    assert runtime.block_size(prog, np.full(n, r), n) > 1
+
+
+def test_large_clients_run_client_major(rng):
+    from fadcore.backends.numba import runtime
+    X = fad.clients(rng.normal(size=(4, 1000, 64)))
+    prog = nb.lower(fad.grad(fed_mse).graph(np.zeros(64), X, fad.clients(np.zeros((4, 1000)))))
+    assert runtime.block_size(prog, np.full(4, 1000), 4) == 1

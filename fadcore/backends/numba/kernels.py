@@ -150,6 +150,7 @@ FL_INT = 2         # integer result: check that it stays exact (|x| < 2**53)
 MAX_EXACT_INT = 2.0 ** 53
 
 SCRATCH = 256      # ints of per-chunk scratch for shapes and odometers
+MOVE_SC = 160      # k_move's part of it (6 * MAX_NDIM ints)
 MAX_NDIM = 8
 SMALL_DOT = 2048   # below this many multiply-adds, plain loops beat a BLAS call
 LOGE2 = 0.693147180559945309417232121458176568
@@ -731,8 +732,8 @@ def _extent(shape, strides, nd):
     return e
 
 
-@_kernel(7)
-def k_move(op, pip, r, px, na, po, no):
+@_kernel(8)
+def k_move(op, pip, r, px, na, po, no, pscr):
     """broadcast_in_dim, transpose, slice and pad (params at ``pip``): one strided copy each;
     concatenate (op OP_CONCATENATE): one operand, ``pip`` -> (nd, axis, out dims, start).
 
@@ -740,12 +741,13 @@ def k_move(op, pip, r, px, na, po, no):
     ip = _i(pip, 4 + 5 * MAX_NDIM)
     x = _f(px, na)
     o = _f(po, no)
-    shp = np.empty(MAX_NDIM, dtype=np.int64)
-    sstr = np.empty(MAX_NDIM, dtype=np.int64)
-    dstr = np.empty(MAX_NDIM, dtype=np.int64)
-    idx = np.empty(MAX_NDIM, dtype=np.int64)
-    xs = np.empty(MAX_NDIM, dtype=np.int64)
-    xstr = np.empty(MAX_NDIM, dtype=np.int64)
+    scr = _i(pscr, 6 * MAX_NDIM)            # the caller's scratch: no allocation per call
+    shp = scr[0:MAX_NDIM]
+    sstr = scr[MAX_NDIM:2 * MAX_NDIM]
+    dstr = scr[2 * MAX_NDIM:3 * MAX_NDIM]
+    idx = scr[3 * MAX_NDIM:4 * MAX_NDIM]
+    xs = scr[4 * MAX_NDIM:5 * MAX_NDIM]
+    xstr = scr[5 * MAX_NDIM:6 * MAX_NDIM]
     zero = na - na
     if op == OP_BROADCAST_IN_DIM:
         # ip: out nd, out dims, in nd, in dims, dims map
@@ -1021,21 +1023,138 @@ def _dot_ok(m, k, n, na, nb, no):
 
 
 @njit(inline="always")
-def _addr(b, kind, loc, ctab, i, wtab, crow):
+def _addr(b, kind, loc, ctab, i, wtab, crow, sk, pref, c0):
+    """Address of buffer ``b`` for client ``i`` (-1: the server) of the block starting at
+    client ``c0``: a work slot holds the block's clients one after the other."""
     k = kind[b]
     if k == K_FIXED:
         return loc[b]
     if k == K_WORK:
-        return wtab[loc[b], crow]
+        s = loc[b]
+        a = wtab[s, crow]
+        if i > c0:
+            kk = sk[s, 1]
+            a += 8 * sk[s, 0] * (pref[kk, i] - pref[kk, c0])
+        return a
     return ctab[loc[b], i]
 
 
+ROW_DONE = 1          # _block_row ran the row for the whole block
+ROW_EACH = 0          # ... or the row must run client by client
+
+
+@njit(inline="always")
+def _span(b, nst, nk, kind, loc, ctab, rows, c0, c1):
+    """Whether buffer ``b`` holds the block's per-client values (nst * r**nk floats each)
+    one after the other: always for work slots, checked for per-client buffers."""
+    if kind[b] == K_WORK:
+        return True
+    if kind[b] != K_CLIENT:
+        return False
+    row = loc[b]
+    a = ctab[row, c0]
+    for i in range(c0, c1):
+        if ctab[row, i] != a:
+            return False
+        a += 8 * _cnt(nst, nk, rows[i])
+    return True
+
+
+@njit(inline="always")
+def _total(nst, nk, pref, c0, c1):
+    return nst * (pref[nk, c1] - pref[nk, c0])
+
+
 @njit(cache=True, error_model="numpy", nogil=True)
-def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, wtab, acc,
-             crow, err, fns):
-    """Run tape rows [start, stop) for clients lo..hi-1, one after the other, with the
-    workspace (column ``crow`` of ``wtab``: an address per work slot, sized for the chunk's
-    largest client) and accumulator row of chunk ``crow``; ``lo < 0``: once, for the server.
+def _block_row(t, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow, fns):
+    """Run row ``t`` for clients c0..c1-1 in one kernel call when it can: elementwise rows
+    whose client operands are laid out one client after the other (server operands: single
+    numbers), and matmul/matvec of a client matrix by a server operand (the block's rows
+    stacked). Returns ROW_DONE, or ROW_EACH when the row must run client by client."""
+    op = tape[t, F_OP]
+    elementwise = op <= OP_NE or op == OP_SELECT or op == OP_CONVERT or op == OP_COPY \
+        or op == OP_ZEROS
+    stacked = op == OP_MATMUL or op == OP_MATVEC
+    if not (elementwise or stacked) or tape[t, F_FLAGS] & FL_INT:
+        return ROW_EACH
+    ost, ok_ = tape[t, F_NO], tape[t, F_KO]
+    out = tape[t, F_OUT]
+    if not _span(out, ost, ok_, kind, loc, ctab, rows, c0, c1):
+        return ROW_EACH
+    no = _total(ost, ok_, pref, c0, c1)
+    po = _addr(out, kind, loc, ctab, c0, wtab, crow, sk, pref, c0)
+    p = tape[t, F_IP]
+    if stacked:
+        a = tape[t, F_A]
+        b = tape[t, F_B]
+        if kind[b] != K_FIXED or not _span(a, tape[t, F_NA], tape[t, F_KA], kind, loc, ctab,
+                                          rows, c0, c1):
+            return ROW_EACH
+        dk = ip[p + 1]
+        dn = ip[p + 2] if op == OP_MATMUL else dk - dk + 1
+        if dk < 0 or dn < 0 or tape[t, F_KB] != 0:
+            return ROW_EACH
+        m = dk - dk
+        for i in range(c0, c1):
+            m += _dim(ip[p], rows[i])
+        na = _total(tape[t, F_NA], tape[t, F_KA], pref, c0, c1)
+        if m * dk != na or m * dn != no or dk * dn != tape[t, F_NB]:
+            return ROW_EACH
+        pa = _addr(a, kind, loc, ctab, c0, wtab, crow, sk, pref, c0)
+        _call(fns[KI_DOT], (op, pa, _addr(b, kind, loc, ctab, c0, wtab, crow, sk, pref, c0),
+                            po, m, dk, dn))
+    else:
+        # operands: the same per-client size as the result, laid out alike, or one number
+        nin = 3 if op == OP_SELECT else 2 if (op > OP_ABS and op <= OP_NE) else \
+            0 if op == OP_ZEROS else 1
+        pin = np.zeros(3, dtype=np.int64)
+        nn = np.zeros(3, dtype=np.int64)
+        for j in range(nin):
+            b = tape[t, F_A + j]
+            nst = tape[t, F_NA + 2 * j]
+            nk = tape[t, F_KA + 2 * j]
+            if kind[b] == K_FIXED:
+                if nst != 1 or nk != 0:
+                    return ROW_EACH
+                nn[j] = 1
+            elif nst == ost and nk == ok_ and _span(b, nst, nk, kind, loc, ctab, rows, c0, c1):
+                nn[j] = no
+            else:
+                return ROW_EACH
+            pin[j] = _addr(b, kind, loc, ctab, c0, wtab, crow, sk, pref, c0)
+        if op <= OP_ABS:
+            _call(fns[KI_UNARY], (op, pin[0], po, no))
+        elif op <= OP_NE:
+            _call(fns[KI_BINARY], (op, pin[0], pin[1], po, no, nn[0], nn[1]))
+        elif op == OP_SELECT:
+            _call(fns[KI_SELECT], (pin[0], pin[1], pin[2], po, no, nn[0], nn[1], nn[2]))
+        elif op == OP_ZEROS:
+            o = _f(po, no)
+            for j in range(no):
+                o[j] = 0.0
+        else:
+            _call(fns[KI_CONVERT], (ip[p] if op == OP_CONVERT else CV_COPY, pin[0], po, no,
+                                    tape[t, F_FLAGS] & FL_F32))
+            return ROW_DONE
+    if tape[t, F_FLAGS] & FL_F32:
+        o = _f(po, no)
+        for j in range(no):
+            o[j] = np.float32(o[j])
+    return ROW_DONE
+
+
+@njit(cache=True, error_model="numpy", nogil=True)
+def run_part(tape, start, stop, ip, kind, loc, ctab, rows, b0, b1, bnd, n, nchunks, wtab,
+             sk, pref, acc, crow, err, fns):
+    """Run tape rows [start, stop) for the blocks of clients b0..b1-1 (block j: clients
+    bnd[j]..bnd[j+1]-1) with the workspace (column ``crow`` of ``wtab``: an address per work
+    slot, sized for the chunk's largest block) and accumulator row of chunk ``crow``;
+    ``b0 < 0``: once, for the server.
+
+    Instruction-major within a block: each row runs for every client of the block before
+    the next row (a block of one client is client-major execution). Elementwise rows and
+    row-stacked products (a client matrix times a server matrix) run over the whole block in
+    one kernel call: the block's values lie one after the other.
 
     Returns a status code; on error ``err`` holds (code, row, client, value, bound).
     """
@@ -1043,186 +1162,200 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, lo, hi, n, nchunks, w
     psc = sc.ctypes.data
     pip0 = ip.ctypes.data
     perr = err.ctypes.data
-    if lo < 0:
-        lo = -1
-        hi = 0
-    for i in range(lo, hi):
-        r = rows[i] if i >= 0 else lo - lo
+    zero = n - n
+    if b0 < 0:
+        b0 = zero - 1
+        b1 = zero
+    for blk in range(b0, b1):
+        c0 = bnd[blk] if blk >= 0 else blk
+        c1 = bnd[blk + 1] if blk >= 0 else zero
         for t in range(start, stop):
-            op = tape[t, F_OP]
-            p = tape[t, F_IP]
-            no = _cnt(tape[t, F_NO], tape[t, F_KO], r)
-            pa = _addr(tape[t, F_A], kind, loc, ctab, i, wtab, crow) if tape[t, F_A] >= 0 else 0
-            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
-            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
-            st = E_OK
-            if not _sizes_ok(op, ip, p, r, na, nb, no, acc.shape[1]):
-                err[0] = E_BOUNDS
-                err[1] = t
-                err[2] = i
-                return E_BOUNDS
-            if op == OP_AGGREGATE:
-                # ip: mode, acc offset, [weight acc offset]
-                x = _f(pa, no)
-                off = ip[p + 1]
-                if ip[p] == AG_WMEAN:
-                    w = _f(_addr(tape[t, F_B], kind, loc, ctab, i, wtab, crow), 1)[0]
-                    for j in range(no):
-                        acc[crow, off + j] += w * x[j]
-                    acc[crow, ip[p + 2]] += w
-                else:
-                    for j in range(no):
-                        acc[crow, off + j] += x[j]
+            if c1 - c0 > 1 and _block_row(t, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk,
+                                          pref, crow, fns) == ROW_DONE:
                 continue
-            po = _addr(tape[t, F_OUT], kind, loc, ctab, i, wtab, crow)
-            pb = _addr(tape[t, F_B], kind, loc, ctab, i, wtab, crow) if tape[t, F_B] >= 0 else 0
-            if op <= OP_ABS:
-                _call(fns[KI_UNARY], (op, pa, po, no))
-            elif op <= OP_NE:
-                _call(fns[KI_BINARY], (op, pa, pb, po, no, na, nb))
-            elif op == OP_SELECT:
-                pc = _addr(tape[t, F_C], kind, loc, ctab, i, wtab, crow)
-                nc = _cnt(tape[t, F_NC], tape[t, F_KC], r)
-                _call(fns[KI_SELECT], (pa, pb, pc, po, no, na, nb, nc))
-            elif op == OP_CONVERT or op == OP_COPY:
-                _call(fns[KI_CONVERT], (ip[p] if op == OP_CONVERT else CV_COPY, pa, po, no,
-                                        tape[t, F_FLAGS] & FL_F32))
-                if tape[t, F_FLAGS] & FL_INT and not _int_ok(po, no):
+            for i in range(c0, c1):
+                r = rows[i] if i >= 0 else zero
+                op = tape[t, F_OP]
+                p = tape[t, F_IP]
+                no = _cnt(tape[t, F_NO], tape[t, F_KO], r)
+                pa = (_addr(tape[t, F_A], kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+                      if tape[t, F_A] >= 0 else 0)
+                na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
+                nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
+                st = E_OK
+                if not _sizes_ok(op, ip, p, r, na, nb, no, acc.shape[1]):
+                    err[0] = E_BOUNDS
+                    err[1] = t
+                    err[2] = i
+                    return E_BOUNDS
+                if op == OP_AGGREGATE:
+                    # ip: mode, acc offset, [weight acc offset]
+                    x = _f(pa, no)
+                    off = ip[p + 1]
+                    if ip[p] == AG_WMEAN:
+                        pw = _addr(tape[t, F_B], kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+                        w = _f(pw, 1)[0]
+                        for j in range(no):
+                            acc[crow, off + j] += w * x[j]
+                        acc[crow, ip[p + 2]] += w
+                    else:
+                        for j in range(no):
+                            acc[crow, off + j] += x[j]
+                    continue
+                po = _addr(tape[t, F_OUT], kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+                pb = (_addr(tape[t, F_B], kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+                      if tape[t, F_B] >= 0 else 0)
+                if op <= OP_ABS:
+                    _call(fns[KI_UNARY], (op, pa, po, no))
+                elif op <= OP_NE:
+                    _call(fns[KI_BINARY], (op, pa, pb, po, no, na, nb))
+                elif op == OP_SELECT:
+                    pc = _addr(tape[t, F_C], kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+                    nc = _cnt(tape[t, F_NC], tape[t, F_KC], r)
+                    _call(fns[KI_SELECT], (pa, pb, pc, po, no, na, nb, nc))
+                elif op == OP_CONVERT or op == OP_COPY:
+                    _call(fns[KI_CONVERT], (ip[p] if op == OP_CONVERT else CV_COPY, pa, po, no,
+                                            tape[t, F_FLAGS] & FL_F32))
+                    if tape[t, F_FLAGS] & FL_INT and not _int_ok(po, no):
+                        err[0] = E_INT
+                        err[1] = t
+                        err[2] = i
+                        return E_INT
+                    continue
+                elif op == OP_ZEROS:
+                    o = _f(po, no)
+                    for j in range(no):
+                        o[j] = 0.0
+                elif op == OP_REDUCE_SUM or op == OP_REDUCE_MAX:
+                    # ip: nd, dims[nd], mask[nd]
+                    nd = ip[p]
+                    for a in range(nd):
+                        sc[64 + a] = _dim(ip[p + 1 + a], r)
+                        sc[80 + a] = ip[p + 1 + nd + a]
+                    tot = zero + 1
+                    nout = zero + 1
+                    for a in range(nd):
+                        tot *= sc[64 + a]
+                        if sc[80 + a] == 0:
+                            nout *= sc[64 + a]
+                    if tot != na or nout != no:
+                        st = E_BOUNDS
+                    else:
+                        st = _call(fns[KI_REDUCE], (op == OP_REDUCE_MAX, pa, po, nd, psc + 8 * 64,
+                                                    psc + 8 * 80, psc))
+                elif op == OP_ARGMAX:
+                    # ip: outer, D, inner as (static, ragged count) pairs
+                    st = _call(fns[KI_ARGMAX], (pa, po, _cnt(ip[p], ip[p + 1], r),
+                                                _cnt(ip[p + 2], ip[p + 3], r),
+                                                _cnt(ip[p + 4], ip[p + 5], r)))
+                elif op == OP_BROADCAST_IN_DIM or op == OP_TRANSPOSE or op == OP_SLICE \
+                        or op == OP_PAD:
+                    st = _call(fns[KI_MOVE], (op, pip0 + 8 * p, r, pa, na, po, no,
+                                              psc + 8 * MOVE_SC))
+                elif op == OP_CONCATENATE:
+                    # ip: nd, axis, out dims[nd], m, then per operand: buffer, dims[nd]; each
+                    # operand goes through k_move with (nd, axis, out dims, start, dims) in sc
+                    nd = ip[p]
+                    axis = ip[p + 1]
+                    m = ip[p + 2 + nd]
+                    for a in range(nd + 2):
+                        sc[a] = ip[p + a]
+                    q = p + 3 + nd
+                    start_ax = zero
+                    for u in range(m):
+                        sc[2 + nd] = start_ax
+                        sz = zero + 1
+                        for a in range(nd):
+                            d = _dim(ip[q + 1 + a], r)
+                            sc[3 + nd + a] = ip[q + 1 + a]
+                            sz *= d
+                        px = _addr(ip[q], kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+                        st = _call(fns[KI_MOVE], (op, psc, r, px, sz, po, no,
+                                                  psc + 8 * MOVE_SC))
+                        if st != E_OK:
+                            break
+                        start_ax += _dim(ip[q + 1 + axis], r)
+                        q += 1 + nd
+                elif op >= OP_MATMUL and op <= OP_OUTER:
+                    one = zero + 1
+                    if op == OP_MATMUL:
+                        dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), _dim(ip[p + 2], r)
+                    elif op == OP_MATVEC:
+                        dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), one
+                    elif op == OP_VECMAT:
+                        dm, dk, dn = one, _dim(ip[p], r), _dim(ip[p + 1], r)
+                    elif op == OP_VDOT:
+                        dm, dk, dn = one, _dim(ip[p], r), one
+                    else:
+                        dm, dk, dn = _dim(ip[p], r), one, _dim(ip[p + 1], r)
+                    if _dot_ok(dm, dk, dn, na, nb, no):
+                        st = _call(fns[KI_DOT], (op, pa, pb, po, dm, dk, dn))
+                    else:
+                        st = E_BOUNDS
+                elif op == OP_TAKE or op == OP_UNTAKE or op == OP_TAKE_ALONG_AXIS \
+                        or op == OP_UNTAKE_ALONG_AXIS:
+                    # ip: outer, D, inner, K as (static, ragged count) pairs
+                    st = _call(fns[KI_TAKE], (op, pa, pb, po, _cnt(ip[p], ip[p + 1], r),
+                                              _cnt(ip[p + 2], ip[p + 3], r),
+                                              _cnt(ip[p + 4], ip[p + 5], r),
+                                              _cnt(ip[p + 6], ip[p + 7], r), perr))
+                elif op == OP_ONE_HOT:
+                    _call(fns[KI_ONE_HOT], (pa, po, na, ip[p]))
+                elif op == OP_ROWS:
+                    _f(po, 1)[0] = r
+                elif op == OP_NUM_CLIENTS:
+                    _f(po, 1)[0] = n
+                elif op == OP_FINISH:
+                    # ip: mode, acc offset, [weight acc offset]; sum the chunk rows in order
+                    o = _f(po, no)
+                    off = ip[p + 1]
+                    for j in range(no):
+                        s = 0.0
+                        for c in range(nchunks):
+                            s += acc[c, off + j]
+                        o[j] = s
+                    if ip[p] == AG_MEAN:
+                        for j in range(no):
+                            o[j] = o[j] / n
+                    elif ip[p] == AG_WMEAN:
+                        ws = 0.0
+                        for c in range(nchunks):
+                            ws += acc[c, ip[p + 2]]
+                        for j in range(no):
+                            o[j] = o[j] / ws
+                if st != E_OK:
+                    err[0] = st
+                    err[1] = t
+                    err[2] = i
+                    return st
+                if tape[t, F_FLAGS] & FL_F32:
+                    o = _f(po, no)
+                    for j in range(no):
+                        o[j] = np.float32(o[j])
+                elif tape[t, F_FLAGS] & FL_INT and not _int_ok(po, no):
                     err[0] = E_INT
                     err[1] = t
                     err[2] = i
                     return E_INT
-                continue
-            elif op == OP_ZEROS:
-                o = _f(po, no)
-                for j in range(no):
-                    o[j] = 0.0
-            elif op == OP_REDUCE_SUM or op == OP_REDUCE_MAX:
-                # ip: nd, dims[nd], mask[nd]
-                nd = ip[p]
-                for a in range(nd):
-                    sc[64 + a] = _dim(ip[p + 1 + a], r)
-                    sc[80 + a] = ip[p + 1 + nd + a]
-                tot = lo - lo + 1
-                nout = lo - lo + 1
-                for a in range(nd):
-                    tot *= sc[64 + a]
-                    if sc[80 + a] == 0:
-                        nout *= sc[64 + a]
-                if tot != na or nout != no:
-                    st = E_BOUNDS
-                else:
-                    st = _call(fns[KI_REDUCE], (op == OP_REDUCE_MAX, pa, po, nd, psc + 8 * 64,
-                                                psc + 8 * 80, psc))
-            elif op == OP_ARGMAX:
-                # ip: outer, D, inner as (static, ragged count) pairs
-                st = _call(fns[KI_ARGMAX], (pa, po, _cnt(ip[p], ip[p + 1], r),
-                                            _cnt(ip[p + 2], ip[p + 3], r),
-                                            _cnt(ip[p + 4], ip[p + 5], r)))
-            elif op == OP_BROADCAST_IN_DIM or op == OP_TRANSPOSE or op == OP_SLICE \
-                    or op == OP_PAD:
-                st = _call(fns[KI_MOVE], (op, pip0 + 8 * p, r, pa, na, po, no))
-            elif op == OP_CONCATENATE:
-                # ip: nd, axis, out dims[nd], m, then per operand: buffer, dims[nd]; each
-                # operand goes through k_move with (nd, axis, out dims, start, dims) in sc
-                nd = ip[p]
-                axis = ip[p + 1]
-                m = ip[p + 2 + nd]
-                for a in range(nd + 2):
-                    sc[a] = ip[p + a]
-                q = p + 3 + nd
-                start_ax = lo - lo
-                for u in range(m):
-                    sc[2 + nd] = start_ax
-                    sz = lo - lo + 1
-                    for a in range(nd):
-                        d = _dim(ip[q + 1 + a], r)
-                        sc[3 + nd + a] = ip[q + 1 + a]
-                        sz *= d
-                    px = _addr(ip[q], kind, loc, ctab, i, wtab, crow)
-                    st = _call(fns[KI_MOVE], (op, psc, r, px, sz, po, no))
-                    if st != E_OK:
-                        break
-                    start_ax += _dim(ip[q + 1 + axis], r)
-                    q += 1 + nd
-            elif op >= OP_MATMUL and op <= OP_OUTER:
-                one = lo - lo + 1
-                if op == OP_MATMUL:
-                    dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), _dim(ip[p + 2], r)
-                elif op == OP_MATVEC:
-                    dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), one
-                elif op == OP_VECMAT:
-                    dm, dk, dn = one, _dim(ip[p], r), _dim(ip[p + 1], r)
-                elif op == OP_VDOT:
-                    dm, dk, dn = one, _dim(ip[p], r), one
-                else:
-                    dm, dk, dn = _dim(ip[p], r), one, _dim(ip[p + 1], r)
-                if _dot_ok(dm, dk, dn, na, nb, no):
-                    st = _call(fns[KI_DOT], (op, pa, pb, po, dm, dk, dn))
-                else:
-                    st = E_BOUNDS
-            elif op == OP_TAKE or op == OP_UNTAKE or op == OP_TAKE_ALONG_AXIS \
-                    or op == OP_UNTAKE_ALONG_AXIS:
-                # ip: outer, D, inner, K as (static, ragged count) pairs
-                st = _call(fns[KI_TAKE], (op, pa, pb, po, _cnt(ip[p], ip[p + 1], r),
-                                          _cnt(ip[p + 2], ip[p + 3], r),
-                                          _cnt(ip[p + 4], ip[p + 5], r),
-                                          _cnt(ip[p + 6], ip[p + 7], r), perr))
-            elif op == OP_ONE_HOT:
-                _call(fns[KI_ONE_HOT], (pa, po, na, ip[p]))
-            elif op == OP_ROWS:
-                _f(po, 1)[0] = r
-            elif op == OP_NUM_CLIENTS:
-                _f(po, 1)[0] = n
-            elif op == OP_FINISH:
-                # ip: mode, acc offset, [weight acc offset]; sum the chunk rows in order
-                o = _f(po, no)
-                off = ip[p + 1]
-                for j in range(no):
-                    s = 0.0
-                    for c in range(nchunks):
-                        s += acc[c, off + j]
-                    o[j] = s
-                if ip[p] == AG_MEAN:
-                    for j in range(no):
-                        o[j] = o[j] / n
-                elif ip[p] == AG_WMEAN:
-                    ws = 0.0
-                    for c in range(nchunks):
-                        ws += acc[c, ip[p + 2]]
-                    for j in range(no):
-                        o[j] = o[j] / ws
-            if st != E_OK:
-                err[0] = st
-                err[1] = t
-                err[2] = i
-                return st
-            if tape[t, F_FLAGS] & FL_F32:
-                o = _f(po, no)
-                for j in range(no):
-                    o[j] = np.float32(o[j])
-            elif tape[t, F_FLAGS] & FL_INT and not _int_ok(po, no):
-                err[0] = E_INT
-                err[1] = t
-                err[2] = i
-                return E_INT
     return E_OK
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wtab, acc, err, fns):
+def run_program(tape, stages, ip, kind, loc, ctab, rows, bnd, cblk, n, wtab, sk, pref, acc,
+                err, fns):
     """Run a lowered program: per stage, its server rows once, then its client rows for every
-    client, in a prange over ``nchunks`` contiguous chunks of clients (one workspace row and
-    one accumulator row per chunk; clients run one after the other inside a chunk).
+    client, in a prange over the chunks (chunk c: blocks cblk[c]..cblk[c+1]-1, one workspace
+    column and one accumulator row each; blocks run one after the other inside a chunk).
 
     ``stages[s] = (server start, server stop, client start, client stop)``. ``err`` has one
     row per chunk and a last row for the server; returns False on the first failing stage.
     """
     srv = err.shape[0] - 1
+    nchunks = cblk.shape[0] - 1
     zero = n - n
     for s in range(stages.shape[0]):
         st = run_part(tape, stages[s, 0], stages[s, 1], ip, kind, loc, ctab, rows, zero - 1,
-                      zero, n, nchunks, wtab, acc, zero, err[srv], fns)
+                      zero, bnd, n, nchunks, wtab, sk, pref, acc, zero, err[srv], fns)
         if st != E_OK:
             return False
         c0 = stages[s, 2]
@@ -1231,9 +1364,8 @@ def run_program(tape, stages, ip, kind, loc, ctab, rows, n, nchunks, wtab, acc, 
             continue
         for c in prange(nchunks):
             cc = zero + c
-            run_part(tape, c0, c1, ip, kind, loc, ctab, rows, (cc * n) // nchunks,
-                     ((cc + 1) * n) // nchunks, n, nchunks, wtab, acc, cc, err[cc],
-                     fns)
+            run_part(tape, c0, c1, ip, kind, loc, ctab, rows, cblk[cc], cblk[cc + 1], bnd, n,
+                     nchunks, wtab, sk, pref, acc, cc, err[cc], fns)
         for c in range(nchunks):
             if err[c, 0] != E_OK:
                 return False

@@ -63,6 +63,7 @@ class Program:
     uses_n: bool
     g_inputs: list = field(default_factory=list)   # input types
     stats: dict = field(default_factory=dict)
+    plans: dict = field(default_factory=dict)     # run-time plans by row counts (runtime.py)
 
 
 @dataclass

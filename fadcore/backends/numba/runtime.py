@@ -194,20 +194,16 @@ def execute(graph: Graph, inputs: Inputs) -> list:
                for _, _, st, kk in prog.persistent) + n * len(prog.sources) * 64 + sum(
         int(np.sum(rows[:n] ** g.inputs[k].type.tensor.ragged)) * _static(
             g.inputs[k].type.shape)[0] for _, _, k in prog.client_inputs)
-    if n <= 1 or work < PARALLEL_MIN_WORK or nchunks == 1:
-        # chunks run one after the other: they share one workspace
-        rmax = np.asarray([rows[:n].max() if n else 0])
-        ws, wtab = _workspace(prog, rmax, nchunks)
-        run = _run_serial
-    else:
-        starts = (np.arange(nchunks) * n) // nchunks
-        ws, wtab = _workspace(prog, np.maximum.reduceat(rows[:n], starts), nchunks)
-        run = _run_parallel
+    serial = n <= 1 or work < PARALLEL_MIN_WORK or nchunks == 1
+    plan = _cached_plan(prog, rows, n, nchunks, serial)
+    ws = np.empty(plan.ws_size, dtype=np.float64)
+    wtab = plan.woff + ws.ctypes.data
+    run = _run_serial if serial else _run_parallel
     if run in _RAN:
-        ok = run(prog, loc, ctab, rows, n, wtab, acc, err)
+        ok = run(prog, loc, ctab, rows, n, plan, wtab, acc, err)
     else:                   # the first run of each path compiles it (or loads the cache)
         with compiling():
-            ok = run(prog, loc, ctab, rows, n, wtab, acc, err)
+            ok = run(prog, loc, ctab, rows, n, plan, wtab, acc, err)
         _RAN.add(run)
     del keep, ws
     if not ok:
@@ -262,30 +258,105 @@ def _output(prog, how, ref, t, inputs, n, rows, arena, pers, pers_off):
 PARALLEL_MIN_WORK = 4_000_000
 
 
-def _workspace(prog: Program, rmax: np.ndarray, nchunks: int):
+#: a block's client temporaries should fit in about this many floats (half of a 256 KiB L2)
+BLOCK_FLOATS = 16384
+#: clients holding at least this many floats of arguments run one at a time (client-major):
+#: their data stays in cache from one instruction to the next, and each instruction already
+#: has enough work to amortize its dispatch (measured: benchmarks/bench_numba.py --blocks)
+CLIENT_MAJOR_FLOATS = 8192
+
+
+class _Plan:
+    """How the clients are cut: chunks (threads' units, one accumulator row each) made of
+    blocks (units of instruction-major execution); ``bnd`` block boundaries, ``cblk`` each
+    chunk's first block, ``pref[k]`` prefix sums of rows**k, ``need[k, chunk]`` the largest
+    sum of rows**k over a block of the chunk (its workspace size), ``sk`` the work slots'
+    (static size, ragged dims)."""
+
+    __slots__ = ("bnd", "cblk", "pref", "need", "sk", "block", "ws_size", "woff")
+
+
+def block_size(prog: Program, rows: np.ndarray, n: int) -> int:
+    """Clients per block: 1 (client-major) for large clients, else as many as keep the
+    block's temporaries in cache."""
+    if n <= 1 or not len(prog.slots):
+        return 1
+    rmean = float(rows[:n].mean())
+    args = sum(_static(t.shape)[0] * rmean ** t.tensor.ragged
+               for t in prog.g_inputs if t.placement is CLIENTS)
+    if args >= CLIENT_MAJOR_FLOATS:
+        return 1
+    st, sl, kk = prog.slots[:, 0], prog.slots[:, 1], prog.slots[:, 2]
+    per = max(float(np.sum(sl[st == s] * rmean ** kk[st == s])) for s in np.unique(st))
+    return int(max(1, min(n, BLOCK_FLOATS // max(per, 1.0))))
+
+
+def _plan(prog: Program, rows: np.ndarray, n: int, nchunks: int) -> _Plan:
+    plan = _Plan()
+    B = plan.block = block_size(prog, rows, n)
+    kmax = int(prog.slots[:, 2].max()) if len(prog.slots) else 0
+    r = rows[:n].astype(np.int64)
+    plan.pref = np.zeros((kmax + 1, n + 1), dtype=np.int64)
+    for k in range(kmax + 1):
+        np.cumsum(r ** k, out=plan.pref[k, 1:])
+    edges = (np.arange(nchunks + 1) * n) // nchunks
+    starts = [np.arange(edges[c], edges[c + 1], B) for c in range(nchunks)]
+    plan.cblk = np.zeros(nchunks + 1, dtype=np.int64)
+    np.cumsum([len(x) for x in starts], out=plan.cblk[1:])
+    plan.bnd = np.concatenate(starts + [np.asarray([n])]).astype(np.int64)
+    sums = plan.pref[:, plan.bnd[1:]] - plan.pref[:, plan.bnd[:-1]]       # [k, block]
+    plan.need = np.zeros((kmax + 1, nchunks), dtype=np.int64)
+    for c in range(nchunks):
+        if plan.cblk[c + 1] > plan.cblk[c]:
+            plan.need[:, c] = sums[:, plan.cblk[c]:plan.cblk[c + 1]].max(axis=1)
+    plan.sk = np.ascontiguousarray(prog.slots[:, 1:3]) if len(prog.slots) else np.zeros(
+        (1, 2), dtype=np.int64)
+    return plan
+
+
+def _cached_plan(prog: Program, rows: np.ndarray, n: int, nchunks: int, serial: bool):
+    """The plan and workspace layout, reused while the clients' row counts stay the same
+    (per-call work proportional to what changed: a training loop calls with the same data)."""
+    key = (n, nchunks, serial, rows[:n].tobytes())
+    cache = prog.plans
+    plan = cache.get(key)
+    if plan is None:
+        plan = _plan(prog, rows, n, nchunks)
+        need = plan.need.max(axis=1, keepdims=True) if serial else plan.need
+        ws, wtab = _workspace(prog, need, nchunks)
+        plan.ws_size = max(ws.size, 1)
+        plan.woff = np.ascontiguousarray(wtab - ws.ctypes.data)
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = plan
+    return plan
+
+
+def _workspace(prog: Program, need: np.ndarray, nchunks: int):
     """Scratch memory for client temporaries: one region per distinct workspace, each sized
-    for the largest client that uses it (``rmax``: one entry per region, or one shared by all
-    chunks), so one huge client costs one huge region, not one per chunk.
+    for the largest block that uses it (``need[k, region]``: the block's sum of rows**k; one
+    region per chunk, or one shared by all chunks), so one huge client costs one huge region,
+    not one per chunk.
 
     Returns (the memory, ``wtab``: the address of every work slot in every chunk's region).
     """
     st, sl, kk = prog.slots[:, 0], prog.slots[:, 1], prog.slots[:, 2]
     nslots = len(sl)
     # sizes[slot, region] in floats, rounded up to 64-byte lines
-    sizes = sl[:, None] * rmax[None, :].astype(np.int64) ** kk[:, None]
+    sizes = sl[:, None] * need[kk, :]
     sizes = -(-np.maximum(sizes, 1) // _ALIGN) * _ALIGN
     offs = np.zeros_like(sizes)
-    extent = np.zeros(len(rmax), dtype=np.int64)
+    extent = np.zeros(need.shape[1], dtype=np.int64)
     for s in np.unique(st):             # stages reuse the same region, one after the other
         m = st == s
         c = np.cumsum(sizes[m], axis=0)
         offs[m] = c - sizes[m]
         extent = np.maximum(extent, c[-1])
-    bases = np.zeros(len(rmax) + 1, dtype=np.int64)
+    bases = np.zeros(need.shape[1] + 1, dtype=np.int64)
     np.cumsum(np.maximum(extent, 1), out=bases[1:])
     ws = np.empty(int(bases[-1]), dtype=np.float64)
     wtab = ws.ctypes.data + 8 * (offs + bases[None, :-1])
-    if len(rmax) != nchunks:
+    if need.shape[1] != nchunks:
         wtab = np.repeat(wtab[:, :1], nchunks, axis=1)
     if nslots == 0:                     # numba wants a non-empty table
         wtab = np.zeros((1, nchunks), dtype=np.int64)
@@ -295,25 +366,27 @@ def _workspace(prog: Program, rmax: np.ndarray, nchunks: int):
 _RAN: set = set()
 
 
-def _run_parallel(prog, loc, ctab, rows, n, wtab, acc, err) -> bool:
+def _run_parallel(prog, loc, ctab, rows, n, plan, wtab, acc, err) -> bool:
     """All stages, clients in a prange over chunks (one workspace column per chunk)."""
-    return K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows, n,
-                         wtab.shape[1], wtab, acc, err, _kernels())
+    return K.run_program(prog.tape, prog.stages, prog.ip, prog.kind, loc, ctab, rows,
+                         plan.bnd, plan.cblk, n, wtab, plan.sk, plan.pref, acc, err,
+                         _kernels())
 
 
-def _run_serial(prog, loc, ctab, rows, n, wtab, acc, err) -> bool:
-    """All stages on the calling thread: the same interpreter, one chunk of clients."""
+def _run_serial(prog, loc, ctab, rows, n, plan, wtab, acc, err) -> bool:
+    """All stages on the calling thread: the same interpreter, the chunks in turn."""
     fns = _kernels()
     nchunks = wtab.shape[1]
+    cb = plan.cblk.tolist()
     for s0, s1, c0, c1 in prog.stages.tolist():
-        if K.run_part(prog.tape, s0, s1, prog.ip, prog.kind, loc, ctab, rows, -1, 0, n,
-                      nchunks, wtab, acc, 0, err[-1], fns) != K.E_OK:
+        if K.run_part(prog.tape, s0, s1, prog.ip, prog.kind, loc, ctab, rows, -1, 0, plan.bnd,
+                      n, nchunks, wtab, plan.sk, plan.pref, acc, 0, err[-1], fns) != K.E_OK:
             return False
         if c1 > c0:
             for c in range(nchunks):
-                if K.run_part(prog.tape, c0, c1, prog.ip, prog.kind, loc, ctab, rows,
-                              (c * n) // nchunks, ((c + 1) * n) // nchunks, n, nchunks,
-                              wtab, acc, c, err[c], fns) != K.E_OK:
+                if K.run_part(prog.tape, c0, c1, prog.ip, prog.kind, loc, ctab, rows, cb[c],
+                              cb[c + 1], plan.bnd, n, nchunks, wtab, plan.sk, plan.pref, acc,
+                              c, err[c], fns) != K.E_OK:
                     return False
     return True
 
