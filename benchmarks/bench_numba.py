@@ -43,19 +43,25 @@ def load() -> str:
 
 
 def interleaved(fns: dict, reps: int, budget: float) -> dict:
-    """Median time (ms) of each function, the functions taking turns."""
+    """Median wall time and median CPU time (ms, the process's CPU summed over its threads)
+    of each function, the functions taking turns. On a busy machine the CPU time is the
+    steadier measure of the work done: waiting for a core does not count."""
     for fn in fns.values():
         fn()
     ts = {k: [] for k in fns}
+    cs = {k: [] for k in fns}
     t_end = time.perf_counter() + budget
     for _ in range(reps):
         for k, fn in fns.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
+            cs[k].append(time.process_time() - c)
             ts[k].append(time.perf_counter() - t)
         if time.perf_counter() > t_end and len(ts[k]) >= 3:
             break
-    return {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
+    out = {k: float(np.median(v)) * 1e3 for k, v in ts.items()}
+    out.update({k + " cpu": float(np.median(v)) * 1e3 for k, v in cs.items()})
+    return out
 
 
 # --------------------------------------------------------------------------- fed_mse
@@ -134,20 +140,23 @@ def drjax_fedavg_hypergrad(n, K, lr):
 
 # --------------------------------------------------------------------------- tables
 
-def _row(label, t, has_numpy=True):
-    f, j, npy = t["fadcore"], t.get("jax", float("nan")), t.get("numpy", float("nan"))
-    cells = [f"{label:>20s}", f"{f:9.3f}", f"{j:9.3f}", f"{npy:9.3f}" if has_numpy else
-             f"{'-':>9s}", f"{f / j:8.2f}", f"{f / npy:8.2f}" if has_numpy else f"{'-':>8s}"]
-    print(" | ".join(cells), "|", load(), flush=True)
+def _row(label, t):
+    nan = float("nan")
+    f, j, npy = t["fadcore"], t.get("jax", nan), t.get("numpy", nan)
+    fc, jc, nc = t["fadcore cpu"], t.get("jax cpu", nan), t.get("numpy cpu", nan)
+    cells = [f"{label:>18s}", f"{f:9.3f}", f"{j:9.3f}", f"{npy:9.3f}", f"{f / j:7.2f}",
+             f"{f / npy:9.2f}", f"{fc / jc:7.2f}", f"{fc / nc:9.2f}"]
+    print(" | ".join(cells), "|", "%.1f" % os.getloadavg()[0], flush=True)
 
 
 def _header(first):
-    print(" | ".join([f"{first:>20s}", f"{'fadcore':>9s}", f"{'JAX+DrJAX':>9s}",
-                      f"{'NumPy':>9s}", f"{'fad/JAX':>8s}", f"{'fad/NumPy':>8s}"]))
+    print(" | ".join([f"{first:>18s}", f"{'fadcore':>9s}", f"{'JAX+DrJAX':>9s}",
+                      f"{'NumPy':>9s}", f"{'fad/JAX':>7s}", f"{'fad/NumPy':>9s}",
+                      f"{'cpu/JAX':>7s}", f"{'cpu/NumPy':>9s}"]), "| load")
 
 
 def mse_table(reps, budget, jax):
-    print("\nfed_mse gradient, ms (median of interleaved runs)")
+    print("\nfed_mse gradient: wall ms (median of interleaved runs), wall ratios, CPU-time ratios")
     _header("clients,rows,dim")
     for n, R, d in MSE_SHAPES:
         rng = np.random.default_rng(0)
@@ -169,7 +178,7 @@ def mse_table(reps, budget, jax):
 
 
 def fedavg_table(reps, budget, jax):
-    print("\nFedAvg-round hypergradient d loss / d(eta, alpha), ms")
+    print("\nFedAvg-round hypergradient d loss / d(eta, alpha): same columns")
     _header("clients,rows,dim,K")
     for n, R, d, K in FEDAVG_SHAPES:
         rng = np.random.default_rng(1)
@@ -216,7 +225,7 @@ g(w, X, y)
 t2 = time.perf_counter()
 g(w, X, y)
 t3 = time.perf_counter()
-print(t_import - t0, t2 - t1, t2 - t0, t3 - t2)
+print(t_import - t0, t2 - t1, t2 - t0, t3 - t2, time.process_time())
 """
 
 JAX_STARTUP = r"""
@@ -236,7 +245,7 @@ X = rng.normal(size=(10, 8, 4)); y = rng.normal(size=(10, 8)); w = rng.normal(si
 t1 = time.perf_counter()
 g(w, X, y).block_until_ready()
 t2 = time.perf_counter()
-print(t1 - t0, t2 - t1, t2 - t0, 0.0)
+print(t1 - t0, t2 - t1, t2 - t0, 0.0, time.process_time())
 """
 
 
@@ -248,12 +257,13 @@ def _process(code, cache_dir=None):
                          env=env, timeout=1800)
     if out.returncode:
         raise RuntimeError(out.stderr)
-    return [float(x) for x in out.stdout.split()[-4:]], out.stderr.strip()
+    return [float(x) for x in out.stdout.split()[-5:]], out.stderr.strip()
 
 
 def startup_table(quick, jax):
     print("\nstart-up, seconds (a new process; a 10-client fed_mse gradient)")
-    print(f"{'':>34s} | {'import':>7s} | {'1st call':>8s} | {'total':>7s} | {'2nd call':>8s}")
+    print(f"{'':>34s} | {'import':>7s} | {'1st call':>8s} | {'total':>7s} | {'2nd call':>8s}"
+          f" | {'CPU s':>6s}")
     runs = [("fadcore, numba cache present", STARTUP, None)]
     if jax is not None:
         runs.append(("JAX+DrJAX (jit compile)", JAX_STARTUP, None))
@@ -263,9 +273,9 @@ def startup_table(quick, jax):
         runs.append(("fadcore, cold (empty numba cache)", STARTUP, tmp.name))
     _process(STARTUP)           # make sure the cache exists
     for label, code, cache in runs:
-        (imp, first, total, second), err = _process(code, cache)
+        (imp, first, total, second, cpu), err = _process(code, cache)
         print(f"{label:>34s} | {imp:7.2f} | {first:8.2f} | {total:7.2f} | {second * 1e3:6.2f}ms"
-              f" | {load()}")
+              f" | {cpu:6.2f} | {load()}")
         if err and cache is not None:
             print(f"{'':>34s}   stderr: {err.splitlines()[-1]}")
     if tmp is not None:
