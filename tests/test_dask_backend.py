@@ -376,3 +376,122 @@ def test_numba_tasks_match_numba_backend(client, name):
     got = run_dask(g, *args, chunk_size=3, evaluator="numba", timeout=NUMBA_TIMEOUT)
     assert_same(got, want)
     assert_same(got, fad.run(g, *args, backend="reference"))
+
+
+def test_workers_killed_in_successive_rounds_never_hang(client):
+    """A worker dies in rounds 1, 2 and 3 of a 4-round derivative (each time the restarted
+    cluster's first worker, on a new port): client data is re-placed on live workers and the
+    result is unchanged; a regression test for data tasks pinned to dead workers' addresses."""
+    args = example_args_fed_mse(d=4, seed=31)
+    g = fad.grad(two_round, argnums=(0, 1)).graph(*args)
+    want = fad.run(g, *args, backend="reference")
+    killed = []
+
+    def on_round(info):
+        if info["phase"] == "submitted" and info["round"] in (1, 2, 3):
+            client.wait_for_workers(2, timeout=TIMEOUT)
+            victim = sorted(client.nthreads())[0]
+            _kill(client, victim)
+            killed.append(victim)
+
+    got = run_dask(g, *args, chunk_size=1, on_round=on_round, timeout=4 * TIMEOUT)
+    assert len(set(killed)) == 3
+    assert_same(got, want)
+    client.wait_for_workers(2, timeout=TIMEOUT)
+    assert_same(run_dask(g, *args, chunk_size=2), want)
+
+
+def test_no_workers_is_an_error_naming_the_round_and_clients():
+    """A cluster with no workers: the default per-round timeout is finite (here shortened)."""
+    assert dask_backend.ROUND_TIMEOUT is not None and dask_backend.ROUND_TIMEOUT > 0
+    cluster = distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=None,
+                                       scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+    empty = distributed.Client(cluster, set_as_default=False)
+    try:
+        args = example_args_fed_mse()
+        with pytest.raises(fad.FadError, match=r"round 1 of 'fed_mse' failed \(chunks \[1, 2\] "
+                                               r"of 2: clients 0\.\.1, 2\.\.3\).*timeout=1"):
+            fad.run(fed_mse.graph(*args), *args, backend="dask", client=empty, chunk_size=2,
+                    timeout=1)
+    finally:
+        empty.close()
+        cluster.close()
+
+
+def test_client_misuse_is_a_typed_error(client):
+    args = example_args_fed_mse()
+    g = fed_mse.graph(*args)
+    want = fad.run(g, *args, backend="reference")
+    # a scheduler address string: connected to (once) and used
+    addr = client.scheduler.address
+    np.testing.assert_allclose(run_dask(g, *args, client=addr), want, rtol=RTOL)
+    with pytest.raises(fad.FadError, match="could not connect to the dask scheduler at "
+                                           "client='tcp://127.0.0.1:9'"):
+        run_dask(g, *args, client="tcp://127.0.0.1:9")
+    closed = distributed.Client(addr, set_as_default=False)
+    closed.close()
+    with pytest.raises(fad.FadError, match="client= is closed"):
+        run_dask(g, *args, client=closed)
+    with pytest.raises(fad.FadError, match="client= must be a distributed.Client"):
+        run_dask(g, *args, client=42)
+    with pytest.raises(fad.FadError, match="timeout"):
+        run_dask(g, *args, timeout=-1)
+
+
+# --------------------------------------------------------------------------- secure aggregation
+
+SECURE = fad.Policy(aggregation="secure_sum")
+
+
+def test_secure_aggregation_masks_inside_the_workers(client):
+    """Under the secure policy each chunk task masks its clients' contributions on the worker:
+    what leaves the workers for the secure sums is one uniform uint64 row per client."""
+    pytest.importorskip("cryptography")
+    from fadcore.backends.executor import SecurePartial
+    args = example_args_fed_mse(d=3)
+    g = fad.grad(secure_mse, argnums=(0, 1), policy=SECURE).graph(*args)
+    want = fad.run(g, *args, backend="reference", secure_aggregation=False)
+    left = []
+
+    def on_round(info):
+        if info["phase"] == "done":
+            left.extend(client.gather(info["partials"]))
+
+    for chunk in (1, 3):
+        left.clear()
+        got = run_dask(g, *args, chunk_size=chunk, on_round=on_round)   # on by default
+        bound = fad.SecureAggregation().error_bound(len(args[1]))
+        for a, b in zip(pytree.flatten(got)[0], pytree.flatten(want)[0], strict=True):
+            pairs = zip(a, b, strict=True) if isinstance(b, fad.ClientValues) else [(a, b)]
+            for x, y in pairs:
+                np.testing.assert_allclose(x, y, rtol=0, atol=4 * bound)
+        rows = [p for res in left for p in (res.values if hasattr(res, "values")
+                                            else res.partials)]
+        assert rows and all(isinstance(p, SecurePartial) and p.rows.dtype == np.uint64
+                            for p in rows)
+        assert sorted(i for p in rows for i in p.clients) == sorted(
+            list(range(len(args[1]))) * 2)               # two secure rounds, one row per client
+
+
+def test_secure_worker_lost_with_keys_is_a_dropout_error(client):
+    """The workers holding clients 0-1's private keys die after round 1 of a 2-round
+    derivative: recomputed keys no longer match the agreed ones, and the run says which
+    clients dropped (the keys were copied to every worker that ran those clients' tasks)."""
+    pytest.importorskip("cryptography")
+    args = example_args_fed_mse(d=3, seed=5)
+    g = fad.grad(secure_mse, policy=SECURE).graph(*args)
+    killed = []
+
+    def on_round(info):
+        if info["round"] == 1 and info["phase"] == "done":
+            holders = client.who_has([info["keys"][0]])
+            for victim in sorted({w for ws in holders.values() for w in ws}):
+                _kill(client, victim)
+                killed.append(victim)
+
+    # round 2 reads round 1's lost residuals: the error may come from round 1's recomputation
+    with pytest.raises(fad.SecureAggregationError, match=r"round [12] .*client 0 no longer "
+                                                         r"holds the key it agreed on"):
+        run_dask(g, *args, chunk_size=2, on_round=on_round)
+    assert killed
+    client.wait_for_workers(2, timeout=TIMEOUT)

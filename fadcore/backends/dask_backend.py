@@ -14,8 +14,9 @@ Data placement and faults. Every value a task reads is a dask future with lineag
 lost mid-run is survived by recomputation and the result is bit-identical:
 
 - client data is packed per (argument, chunk) and submitted once as a tiny identity task whose
-  spec holds the packed array (the scheduler keeps that copy), placed round-robin so that a
-  chunk's data and hence its tasks share a worker; the key is the content digest, so a later
+  spec holds the packed array (the scheduler keeps that copy), placed by the scheduler with no
+  worker restrictions (a lost worker's data is recomputed on whichever workers are alive, also
+  restarted ones on new ports); the key is the content digest, so a later
   call on the same data reuses the worker copy (an LRU of such futures is kept per
   ``distributed.Client``, :data:`CACHE_BYTES`);
 - the broadcast operands of a round are one more such leaf;
@@ -309,26 +310,19 @@ class _LeafCache:
 _leaves = _LeafCache()
 
 
-def _leaf(client, value, key, worker=None):
+def _leaf(client, value, key):
     """A future of ``value`` whose task spec holds it: if the worker holding it is lost,
-    dask recomputes it from the spec (scattered data would be gone)."""
+    dask recomputes it from the spec (scattered data would be gone). No worker restrictions:
+    a task restricted to workers that all died waits in ``no-worker`` for them forever (even
+    with ``allow_other_workers``), while restarted workers come back on new ports."""
     with warnings.catch_warnings():
         # data is embedded once, on purpose, not repeated: dask's large-graph hint is moot
         warnings.filterwarnings("ignore", message="Sending large graph")
         warnings.filterwarnings("ignore", message="Large object")
-        return client.submit(_identity, value, key=key, pure=False,
-                             workers=None if worker is None else [worker],
-                             allow_other_workers=worker is not None)
+        return client.submit(_identity, value, key=key, pure=False)
 
 
-def _homes(client, chunks) -> list:
-    """A worker per chunk, round-robin: a chunk's data leaves start on one worker, so its
-    tasks (which follow their data) find everything there."""
-    addrs = sorted(client.nthreads())
-    return [addrs[i % len(addrs)] if addrs else None for i in range(len(chunks))]
-
-
-def _data_leaves(client, graph, inputs, data_inputs, chunks, homes):
+def _data_leaves(client, graph, inputs, data_inputs, chunks):
     """Per data input, per chunk: a future of its packed members (reused across calls)."""
     def packed(job):
         k, (lo, hi) = job
@@ -343,22 +337,20 @@ def _data_leaves(client, graph, inputs, data_inputs, chunks, homes):
     else:
         done = [packed(j) for j in jobs]
     out = {k: [] for k in data_inputs}
-    for (k, c), (cd, key), home in zip(jobs, done, homes * len(data_inputs)):
-        out[k].append(_leaves.get(client, key,
-                                  lambda cd=cd, key=key, home=home: _leaf(client, cd, key, home),
+    for (k, c), (cd, key) in zip(jobs, done):
+        out[k].append(_leaves.get(client, key, lambda cd=cd, key=key: _leaf(client, cd, key),
                                   cd.nbytes))
     return out
 
 
-def _rows_leaves(client, rows, chunks, homes):
+def _rows_leaves(client, rows, chunks):
     if rows is None:
         return [None] * len(chunks)
     out = []
-    for (lo, hi), home in zip(chunks, homes):
+    for lo, hi in chunks:
         r = np.ascontiguousarray(rows[lo:hi])
         key = f"fad-rows-{hashlib.sha256(r.data).hexdigest()}"
-        out.append(_leaves.get(client, key,
-                               lambda r=r, key=key, home=home: _leaf(client, r, key, home),
+        out.append(_leaves.get(client, key, lambda r=r, key=key: _leaf(client, r, key),
                                r.nbytes))
     return out
 
@@ -477,10 +469,9 @@ class DaskRuntime(Runtime):
         self.client = resolve_client(self.client_arg)
         self.groups = self.chunks = _chunks(inputs.num_clients, self.chunk_size, self.client)
         self.call = uuid.uuid4().hex[:12]
-        homes = _homes(self.client, self.chunks)
         self.data = _data_leaves(self.client, self.graph, inputs, execution.plan.data_inputs,
-                                 self.chunks, homes)
-        self.rows = _rows_leaves(self.client, inputs.rows, self.chunks, homes)
+                                 self.chunks)
+        self.rows = _rows_leaves(self.client, inputs.rows, self.chunks)
 
     def submit(self, fn, *args, key):
         return self.client.submit(fn, *args, pure=False, key=f"{key}-{self.call}")
@@ -522,7 +513,7 @@ class DaskRuntime(Runtime):
         except _LOST as err:
             raise _lost(what, self.graph, chunks, futs, err, self.timeout) from err
         info = dict(round=rp.index, phase="submitted", client=c, tasks=futs, chunks=chunks,
-                    broadcast=bcast, partials=None)
+                    broadcast=bcast, partials=None, keys=self.keys if masking else None)
         if self.on_round is not None:
             self.on_round(info)
         if rp.kept:
@@ -567,7 +558,8 @@ def execute(graph: Graph, inputs: Inputs, client=None, chunk_size: int | None = 
     client steps with (``"auto"``: numba if importable, else ``"reference"``; or ``"numba"``);
     ``timeout``: seconds allowed per round (default :data:`ROUND_TIMEOUT`; None: no limit);
     ``on_round(info)``: called with a dict (``round``, ``phase`` ``"submitted"``/``"done"``,
-    ``client``, ``tasks``, ``chunks``, ``broadcast``, ``partials``) after each round's tasks are
+    ``client``, ``tasks``, ``chunks``, ``broadcast``, ``partials``, ``keys``: the futures of
+    the chunks' private keys under secure aggregation) after each round's tasks are
     submitted and once its partials are in (monitoring, tests); ``secure``: a
     :class:`fadcore.SecureAggregation` (each client masks its secure_sum contributions inside
     its task, with a private key that stays on the workers).

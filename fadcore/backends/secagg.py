@@ -33,12 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FadError, SecureAggregationError
+from ..ir.cost import SECURE_KEY_BYTES
 
 __all__ = ["SecureAggregation", "Session", "ClientKeys", "RoundMasking", "MaskingContext",
            "ServerSession", "resolve", "KEY_BYTES"]
 
 #: Bytes of an X25519 public key (what each client uploads in the key agreement).
-KEY_BYTES = 32
+KEY_BYTES = SECURE_KEY_BYTES
 
 
 @dataclass(frozen=True)
@@ -330,11 +331,3 @@ class ServerSession:
         else:
             signed = total.view(np.int64)
         return (signed.astype(np.float64) / p.scale).reshape(e.out.type.shape)
-
-
-def cost_extra(clients: int, secure_sums: int, params: SecureAggregation | None = None) -> dict:
-    """What secure aggregation adds to a run's cost (per client): the key agreement round
-    (``KEY_BYTES`` up, ``KEY_BYTES * clients`` down: the relayed table)."""
-    return {"rounds": 1 if secure_sums else 0,
-            "bytes_up": KEY_BYTES if secure_sums else 0,
-            "bytes_down": KEY_BYTES * clients if secure_sums else 0}

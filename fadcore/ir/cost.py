@@ -33,6 +33,7 @@ class CostReport:
     rows: int | None = None
     per_round: list = field(default_factory=list)   # (round, bytes_down, bytes_up, state_in)
     name: str = ""
+    secure: dict = field(default_factory=dict)      # what secure aggregation adds (if on)
 
     @property
     def bytes_down_total(self) -> int:
@@ -114,13 +115,29 @@ def eqn_flops(e, rows) -> int:
     return n * (4 if cls is CostClass.TRANSCENDENTAL else 1)
 
 
-def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
-    """``fad.cost(graph, clients=N, rows=R)``: rounds, bytes, client state and FLOPs."""
+#: Bytes of a client's public key in secure aggregation's key agreement (X25519).
+SECURE_KEY_BYTES = 32
+#: Bytes per element of a masked secure_sum contribution (a word modulo 2**k, k <= 64).
+SECURE_WORD_BYTES = 8
+
+
+def cost(graph: Graph, clients: int = 1, rows: int | None = None,
+         secure_aggregation=None) -> CostReport:
+    """``fad.cost(graph, clients=N, rows=R)``: rounds, bytes, client state and FLOPs.
+
+    ``secure_aggregation`` (as in ``fad.run``; None: on under a ``secure_sum`` policy): when
+    on and the graph has secure sums, one key agreement round is added (each client sends its
+    public key, ``SECURE_KEY_BYTES``, and receives everyone's) and masked contributions count
+    ``SECURE_WORD_BYTES`` per element; :attr:`CostReport.secure` itemizes it."""
     if not isinstance(graph, Graph):
         raise FadError(f"fad.cost: expected a fad.Graph (e.g. f.graph(*args)), got "
                        f"{type(graph).__name__}")
     clients = _count("clients", clients, 1, CardinalityError)
     rows = None if rows is None else _count("rows", rows, 0, ShapeError)
+    if secure_aggregation is None:
+        secure_aggregation = graph.meta.get("policy") == "secure_sum"
+    secure_on = secure_aggregation is not False and any(
+        e.prim.comm is Comm.SECURE_AGGREGATE for e in graph.eqns)
     rs = decompose(graph)
     down = up = 0
     per_round = []
@@ -128,11 +145,21 @@ def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
         d = sum(_nbytes(e.inputs[0].type, rows) for e in r.broadcasts)
         u = 0
         for e in r.aggregations:
+            if secure_on and e.prim.comm is Comm.SECURE_AGGREGATE:
+                u += SECURE_WORD_BYTES * _size(e.inputs[0].type, rows)
+                continue
             # every operand goes up (a weighted mean also sends its weight)
             u += sum(_nbytes(a.type, rows) for a in e.inputs)
         per_round.append((r.index, d, u, sum(_nbytes(v.type, rows) for v, _ in r.state_in)))
         down += d
         up += u
+    secure = {}
+    if secure_on:
+        key_down, key_up = SECURE_KEY_BYTES * clients, SECURE_KEY_BYTES
+        secure = dict(rounds=1, bytes_down=key_down, bytes_up=key_up)
+        per_round.insert(0, (0, key_down, key_up, 0))
+        down += key_down
+        up += key_up
     # client state: the most a client holds across one round boundary
     state = 0
     kept = rs.client_state()
@@ -150,5 +177,5 @@ def cost(graph: Graph, clients: int = 1, rows: int | None = None) -> CostReport:
             cflops += f
         else:
             sflops += f
-    return CostReport(len(rs), down, up, state, sflops, cflops, graph.primitives(), clients,
-                      rows, per_round, graph.name)
+    return CostReport(len(rs) + (1 if secure_on else 0), down, up, state, sflops, cflops,
+                      graph.primitives(), clients, rows, per_round, graph.name, secure)
