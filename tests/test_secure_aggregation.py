@@ -168,7 +168,7 @@ def test_cost_reports_the_key_agreement():
     assert sec.bytes_down == plain.bytes_down + 320
     # float64 words: masked contributions are as large as the plain ones
     assert sec.bytes_up == plain.bytes_up + 32
-    g32 = secure_vector_sum.graph(fad.clients([np.ones(5, np.float32)] * 3))
+    g32 = fad.trace(lambda x: fad.secure_sum(x)).graph(fad.clients([np.ones(5, np.float32)] * 3))
     assert fad.cost(g32, clients=3, secure_aggregation=True).bytes_up == 32 + 8 * 5
     assert fad.cost(g32, clients=3).bytes_up == 4 * 5
 
@@ -279,3 +279,24 @@ def test_multi_round_derivative_drop_after_masking_in_the_last_round():
                            match=rf"round {r} of .*clients \[5, 6\] dropped out after masking"):
             inprocess.execute(g, inputs_of(g, args), chunk_size=3,
                               secure=fad.SecureAggregation(), drop={r: [5, 6]})
+
+
+def test_round_masking_round_trips_as_plain_values():
+    """What a runtime without pickles (Flower) sends its nodes: a dict of plain values."""
+    from fadcore.backends import secagg
+    xs = [np.arange(3.0) + i for i in range(4)]
+    g = secure_vector_sum.graph(fad.clients(xs))
+    seen = {}
+
+    class Spy(inprocess.InProcessRuntime):
+        def client_step(self, rp, server_values, masking=None):
+            d = masking.to_dict()
+            assert all(isinstance(v, (bytes, int, float, str, list)) for v in d.values())
+            back = secagg.RoundMasking.from_dict(d)
+            seen["same"] = back.to_dict() == d
+            return super().client_step(rp, server_values, back)
+
+    got = executor.execute(g, inputs_of(g, (fad.clients(xs),)), Spy(chunk_size=1),
+                           secure=fad.SecureAggregation())
+    assert seen["same"]
+    np.testing.assert_allclose(got[0], np.sum(xs, axis=0), atol=1e-6)

@@ -129,6 +129,108 @@ def _resident(graph: Graph) -> set:
     return _rounds.resident(graph)
 
 
+class _Planner:
+    """Builds a :class:`Plan`: one client step per round, then who keeps what for whom."""
+
+    def __init__(self, graph: Graph, secure: bool):
+        self.graph, self.secure = graph, secure
+        # client ``after`` only orders rounds; inside a step it is its operand
+        self.alias: dict = {}
+        for e in graph.eqns:
+            if e.prim is after_p and e.out.type.placement is CLIENTS:
+                self.alias[e.out] = self.res(e.inputs[0])
+        self.input_index = {v: k for k, v in enumerate(graph.inputs)}
+        # values a client computes from its own data alone are recomputed where needed
+        resident = _resident(graph)
+        self.resident = {e.out: e for e in graph.eqns if e.out in resident}
+        self.made_in: dict = {}     # client Var -> round whose step defines it
+
+    def res(self, a):
+        while isinstance(a, Var) and a in self.alias:
+            a = self.alias[a]
+        return a
+
+    def round(self, r) -> RoundPlan:
+        """Round ``r``'s client step: its equations, what it reads, its partials."""
+        name = self.graph.name
+        defined, server_in, client_vars, eqns = set(), [], [], []
+
+        def use(a):
+            a = self.res(a)
+            if isinstance(a, Literal) or a in defined:
+                return a
+            if a in self.resident and r.index > 1:
+                e = self.resident[a]
+                eqns.append(Eqn(e.prim, [use(b) for b in e.inputs], e.out, e.params, e.source))
+                defined.add(a)
+                return a
+            group = server_in if a.type.placement is SERVER else client_vars
+            if a not in group:
+                group.append(a)
+            return a
+
+        for e in r.broadcasts + [e for e in r.client if e.out not in self.alias]:
+            if e.out in defined:        # a resident value already recomputed here
+                continue
+            ins = [use(a) for a in e.inputs]
+            eqns.append(Eqn(e.prim, ins, e.out, e.params, e.source))
+            defined.add(e.out)
+        partials, aggs, masked = [], [], []
+        for e in r.aggregations:
+            x = use(e.inputs[0])
+            aggs.append((e, len(partials)))
+            if self.secure and e.prim.comm is Comm.SECURE_AGGREGATE:
+                masked.append(len(partials))
+                partials.append(x)          # each client's own contribution
+                continue
+            w = use(e.inputs[1]) if e.prim is weighted_mean_p else None
+            new = _partial_eqns(e, x, w)
+            eqns += new
+            partials += [q.out for q in new if q.out.type.placement is SERVER]
+        for v in defined:
+            self.made_in[v] = r.index
+        client_in = [("data", self.input_index[v]) if v in self.input_index
+                     else ("state", self.made_in[v], v)      # position fixed by keep()
+                     for v in client_vars]
+        sub = Graph(server_in + client_vars, eqns, partials, name=f"{name}.round{r.index}")
+        return RoundPlan(r.index, _server_graph(r.prepare, f"{name}.prepare{r.index}"),
+                         _server_graph(r.update, f"{name}.update{r.index}"), sub, "", "",
+                         server_in, client_in, aggs, len(partials), secure=tuple(masked))
+
+    def finish(self, rounds: list, final: list) -> Plan:
+        """Number the kept values, find the outputs, freeze each step (JSON, key)."""
+        by_index = {rp.index: rp for rp in rounds}
+
+        def keep(r, v, user):
+            rp = by_index[r]
+            if v not in rp.kept:
+                rp.kept.append(v)
+            rp.last_use = max(rp.last_use, user)
+            return rp.kept.index(v)
+
+        for rp in rounds:
+            rp.client_in = [s if s[0] == "data" else ("state", s[1], keep(s[1], s[2], rp.index))
+                            for s in rp.client_in]
+        outputs = []
+        for a, t in zip(self.graph.outputs, self.graph.out_types):
+            a = self.res(a)
+            if t.placement is SERVER or isinstance(a, Literal):
+                outputs.append(("server", a))
+            elif a in self.input_index:
+                outputs.append(("data", self.input_index[a]))
+            else:
+                made = self.made_in[a]
+                outputs.append(("kept", made, keep(made, a, len(rounds) + 1)))
+        for rp in rounds:
+            sub = rp.subgraph
+            rp.subgraph = Graph(sub.inputs, sub.eqns, sub.outputs + rp.kept, name=sub.name)
+            rp.text = rp.subgraph.to_json()
+            rp.key = hashlib.sha256(rp.text.encode()).hexdigest()
+        data = sorted({s[1] for rp in rounds for s in rp.client_in if s[0] == "data"})
+        return Plan(rounds, _server_graph(final, f"{self.graph.name}.final"), data, outputs,
+                    self.secure)
+
+
 def plan(graph: Graph, secure: bool = False) -> Plan:
     """The round-by-round execution plan of ``graph`` (cached on the graph).
 
@@ -140,98 +242,8 @@ def plan(graph: Graph, secure: bool = False) -> Plan:
     if cached is not None:
         return cached
     rs = graph.rounds()
-    # client ``after`` only orders rounds; inside a step it is its operand
-    alias: dict = {}
-
-    def res(a):
-        while isinstance(a, Var) and a in alias:
-            a = alias[a]
-        return a
-
-    for e in graph.eqns:
-        if e.prim is after_p and e.out.type.placement is CLIENTS:
-            alias[e.out] = res(e.inputs[0])
-    input_index = {v: k for k, v in enumerate(graph.inputs)}
-    # values a client computes from its own data alone are recomputed where needed, not kept
-    resident = {e.out: e for e in graph.eqns if e.out in _resident(graph)}
-    made_in: dict = {}              # client Var -> round whose step defines it
-    rounds = []
-    for r in rs:
-        defined, server_in, client_vars, eqns = set(), [], [], []
-
-        def use(a):
-            a = res(a)
-            if isinstance(a, Literal) or a in defined:
-                return a
-            if a in resident and r.index > 1:
-                e = resident[a]
-                eqns.append(Eqn(e.prim, [use(b) for b in e.inputs], e.out, e.params, e.source))
-                defined.add(a)
-                return a
-            group = server_in if a.type.placement is SERVER else client_vars
-            if a not in group:
-                group.append(a)
-            return a
-
-        for e in r.broadcasts + [e for e in r.client if e.out not in alias]:
-            if e.out in defined:        # a resident value already recomputed here
-                continue
-            ins = [use(a) for a in e.inputs]
-            eqns.append(Eqn(e.prim, ins, e.out, e.params, e.source))
-            defined.add(e.out)
-        partials, aggs, masked = [], [], []
-        for e in r.aggregations:
-            x = use(e.inputs[0])
-            aggs.append((e, len(partials)))
-            if secure and e.prim.comm is Comm.SECURE_AGGREGATE:
-                masked.append(len(partials))
-                partials.append(x)          # each client's own contribution
-                continue
-            w = use(e.inputs[1]) if e.prim is weighted_mean_p else None
-            new = _partial_eqns(e, x, w)
-            eqns += new
-            partials += [q.out for q in new if q.out.type.placement is SERVER]
-        for v in defined:
-            made_in[v] = r.index
-        client_in = []
-        for v in client_vars:
-            if v in input_index:
-                client_in.append(("data", input_index[v]))
-            else:
-                client_in.append(("state", made_in[v], v))   # position fixed below
-        sub = Graph(server_in + client_vars, eqns, partials, name=f"{graph.name}.round{r.index}")
-        rounds.append(RoundPlan(r.index, _server_graph(r.prepare, f"{graph.name}.prepare{r.index}"),
-                                _server_graph(r.update, f"{graph.name}.update{r.index}"),
-                                sub, "", "", server_in, client_in, aggs, len(partials),
-                                secure=tuple(masked)))
-    by_index = {rp.index: rp for rp in rounds}
-
-    def keep(r, v, user):
-        rp = by_index[r]
-        if v not in rp.kept:
-            rp.kept.append(v)
-        rp.last_use = max(rp.last_use, user)
-        return rp.kept.index(v)
-
-    for rp in rounds:
-        rp.client_in = [s if s[0] == "data" else ("state", s[1], keep(s[1], s[2], rp.index))
-                        for s in rp.client_in]
-    outputs = []
-    for a, t in zip(graph.outputs, graph.out_types):
-        a = res(a)
-        if t.placement is SERVER or isinstance(a, Literal):
-            outputs.append(("server", a))
-        elif a in input_index:
-            outputs.append(("data", input_index[a]))
-        else:
-            outputs.append(("kept", made_in[a], keep(made_in[a], a, len(rounds) + 1)))
-    for rp in rounds:
-        sub = rp.subgraph
-        rp.subgraph = Graph(sub.inputs, sub.eqns, sub.outputs + rp.kept, name=sub.name)
-        rp.text = rp.subgraph.to_json()
-        rp.key = hashlib.sha256(rp.text.encode()).hexdigest()
-    data = sorted({s[1] for rp in rounds for s in rp.client_in if s[0] == "data"})
-    p = Plan(rounds, _server_graph(rs.final, f"{graph.name}.final"), data, outputs, secure)
+    planner = _Planner(graph, secure)
+    p = planner.finish([planner.round(r) for r in rs], rs.final)
     graph._lowered[cache_key] = p
     return p
 

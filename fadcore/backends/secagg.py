@@ -154,6 +154,26 @@ class RoundMasking:
         return RoundMasking, (self.session, self.round, self.positions, self.table,
                               self.sources)
 
+    def to_dict(self) -> dict:
+        """Plain values only (bytes, ints, strings, lists): for runtimes whose messages do not
+        carry pickles (Flower's records). :meth:`from_dict` inverts it."""
+        p = self.session.params
+        return {"session": self.session.id, "graph": self.session.graph_name,
+                "frac_bits": p.frac_bits, "bound": float(p.bound),
+                "modulus_bits": p.modulus_bits, "min_clients": p.min_clients,
+                "round": self.round, "positions": list(self.positions),
+                "table": list(self.table),
+                "sources": [[j, src] for j, src in sorted(self.sources.items())]}
+
+    @staticmethod
+    def from_dict(d: dict) -> "RoundMasking":
+        params = SecureAggregation(int(d["frac_bits"]), float(d["bound"]),
+                                   int(d["modulus_bits"]), int(d["min_clients"]))
+        session = Session(bytes(d["session"]), params, str(d["graph"]))
+        return RoundMasking(session, int(d["round"]), [int(j) for j in d["positions"]],
+                            [bytes(k) for k in d["table"]],
+                            {int(j): str(src) for j, src in d["sources"]})
+
     def for_group(self, lo: int, hi: int, keys: "ClientKeys") -> "MaskingContext":
         """The masking context of clients ``lo..hi-1``, whose private keys ``keys`` holds."""
         if (keys.lo, keys.hi) != (lo, hi) or keys.session_id != self.session.id:
