@@ -387,9 +387,16 @@ def test_workers_killed_in_successive_rounds_never_hang(client):
     want = fad.run(g, *args, backend="reference")
     killed = []
 
+    def replaced():
+        """Wait until the last victim is gone and its replacement has joined."""
+        deadline = time.monotonic() + TIMEOUT
+        while killed and (killed[-1] in client.nthreads() or len(client.nthreads()) < 2):
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.1)
+
     def on_round(info):
         if info["phase"] == "submitted" and info["round"] in (1, 2, 3):
-            client.wait_for_workers(2, timeout=TIMEOUT)
+            replaced()
             victim = sorted(client.nthreads())[0]
             _kill(client, victim)
             killed.append(victim)
