@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import enum
 import importlib
+import inspect
 import sys
 from typing import Callable
 
+import numpy as np
+
 from ..errors import DTypeError, FadError, PlacementError, ShapeError
-from .types import CLIENTS, SERVER, FederatedType, TensorType, bool_, f64
+from .types import CLIENTS, SERVER, DType, FederatedType, TensorType, bool_, f64
 
 __all__ = [
     "Comm", "CostClass", "Primitive", "primitives", "by_comm", "runtime_aliases",
@@ -192,8 +195,83 @@ def check_placements(name: str, in_types: list, source: str | None = None) -> No
             "fad.sum/fad.mean/fad.weighted_mean/fad.secure_sum.")
 
 
+# --------------------------------------------------------------------------- params and sizes
+#
+# Type rules check every param they read (fadcore.ir.local_primitives: ints are ints, axes in
+# [0, ndim), tuples one entry per axis, sizes bounded); infer_type checks what is common to all:
+# the param names a rule takes, and the size of every result. So a graph that verifies cannot
+# make a kernel index outside its buffers, and no product of dimensions nears int64 overflow.
+
+MAX_NDIM = 8                   # dimensions of one value (what every backend runs)
+MAX_DIM = 2**31 - 1            # one dimension
+MAX_ELEMENTS = 2**40           # static elements of one value
+_param_names: dict = {}
+
+
+def is_int(v) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_shape(name: str, shape, what: str = "result") -> None:
+    """Refuse a shape with too many dimensions, a dimension out of [0, MAX_DIM] or more than
+    MAX_ELEMENTS static elements (``?`` dimensions are the clients' row counts)."""
+    if len(shape) > MAX_NDIM:
+        raise ShapeError(f"{name}: the {what} would have {len(shape)} dimensions "
+                         f"(at most {MAX_NDIM})")
+    n = 1
+    for d in shape:
+        if d is None:
+            continue
+        if not is_int(d) or not 0 <= d <= MAX_DIM:
+            raise ShapeError(f"{name}: the {what} would have dimension {d!r} (dimensions are "
+                             f"ints between 0 and {MAX_DIM})")
+        n *= int(d)
+    if n > MAX_ELEMENTS:
+        raise ShapeError(f"{name}: the {what} would hold {n} static elements "
+                         f"(at most {MAX_ELEMENTS})")
+
+
+def _check_param_names(prim: Primitive, params) -> None:
+    names = _param_names.get(prim)
+    if names is None:
+        rule = prim.type_rule if prim.comm is not Comm.LOCAL else prim.shape_rule
+        try:
+            sig = inspect.signature(rule)
+        except (TypeError, ValueError):
+            names = _param_names[prim] = ()
+        else:
+            ps = sig.parameters.values()
+            if any(p.kind is p.VAR_KEYWORD for p in ps):
+                names = ()
+            else:
+                names = (frozenset(p.name for p in ps if p.kind is p.KEYWORD_ONLY),
+                         frozenset(p.name for p in ps if p.kind is p.KEYWORD_ONLY
+                                   and p.default is p.empty))
+            _param_names[prim] = names
+    if not names:
+        return
+    if not isinstance(params, dict):
+        raise ShapeError(f"{prim.name}: params must be a dict, got {type(params).__name__}")
+    allowed, required = names
+    for k in params:
+        if k not in allowed:
+            raise ShapeError(f"{prim.name}: unexpected parameter {k!r}"
+                             + (f" (it takes {', '.join(sorted(allowed))})" if allowed else
+                                " (it takes none)"))
+    for k in required:
+        if k not in params:
+            raise ShapeError(f"{prim.name}: missing parameter {k!r}")
+
+
 def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None = None):
     """Type of ``prim`` applied to atoms of ``in_types`` (FederatedType or TensorType)."""
+    try:
+        _check_param_names(prim, params)
+    except FadError as e:
+        if source:
+            e.args = (f"{e.args[0]}{_at(source)}",) + e.args[1:]
+        raise
     if prim.comm is not Comm.LOCAL:
         fed = [t if isinstance(t, FederatedType) else FederatedType(t, SERVER, True)
                for t in in_types]
@@ -204,6 +282,7 @@ def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None
     tensors = [t.tensor if isinstance(t, FederatedType) else t for t in in_types]
     try:
         out = prim.shape_rule(*tensors, **params)
+        check_shape(prim.name, out.shape)
     except FadError as e:
         if source and " at " not in str(e):
             e.args = (f"{e.args[0]}{_at(source)}",) + e.args[1:]
