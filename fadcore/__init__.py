@@ -38,7 +38,8 @@ from .policy import Policy, audit  # noqa: E402
 __all__ += ["grad", "value_and_grad", "jvp", "vjp", "hvp", "jacfwd", "jacrev", "hessian",
             "Policy", "audit"]
 from .ir.cost import CostReport, cost, cost_table  # noqa: E402
-from .modes.mixed import CostWeights, explain  # noqa: E402
+from .modes.mixed import CostWeights  # noqa: E402
+from .modes.auto import explain  # noqa: E402
 
 __all__ += ["cost", "cost_table", "CostReport", "CostWeights", "explain"]
 from .testing.gradcheck import check_grads  # noqa: E402

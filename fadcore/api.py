@@ -161,6 +161,8 @@ def _make_grad(f, argnums, mode, state, policy, weights, boundaries, with_value,
             local = g.out_types[0].placement is CLIENTS
             dg = reverse.vjp_graph(g, mask, seed="one" if local else "barrier",
                                    with_value=with_value, state=state, policy=policy, name=name)
+        elif mode == "auto" and not boundaries:
+            dg = _auto_grad_graph(g, mask, tree, nums, with_value, policy, weights, name)
         else:
             from .modes import mixed
             dg = mixed.mixed_vjp_graph(g, mask, with_value=with_value, state=state,
@@ -219,6 +221,47 @@ def _append_aux(dg: Graph, full: Graph, aux) -> Graph:
     return simplify(Graph(b.inputs, b.eqns, atoms, name=dg.name, meta=dict(dg.meta)))
 
 
+def _auto_grad_graph(g, mask, tree, nums, with_value, policy, weights, name) -> Graph:
+    """mode="auto": every mode (and forward + reverse combinations per argument) costed; the
+    cheapest kept (:mod:`fadcore.modes.auto`)."""
+    from .core import Builder, inline
+    from .ir.passes import simplify
+    from .modes import auto, mixed
+    reverse.broadcast_transpose_for(g, policy)
+    ranges = _arg_leaf_ranges(tree)
+    arg_leaves = {f"arg {a}": list(range(*ranges[a])) for a in sorted(set(nums))}
+    w = weights or mixed.CostWeights()
+
+    def forward_graph(m, ndirs=None):
+        return _forward_grad_graph(g, m, with_value, name, max_dirs=ndirs)
+
+    def reverse_graph(m, state):
+        return reverse.vjp_graph(g, m, seed="barrier", with_value=with_value, state=state,
+                                 policy=policy, name=name)
+
+    def mixed_graph(m, state, greedy, boundaries=None):
+        return mixed.mixed_vjp_graph(g, m, with_value=with_value, state=state, policy=policy,
+                                     auto=greedy, weights=w, boundaries=boundaries, name=name)
+
+    def combine(fg, fmask, rg, rmask):
+        nv = 1 if with_value else 0
+        b = Builder(name)
+        with b:
+            ins = [b.new_input(v.type) for v in g.inputs]
+            fo, ro = inline(fg, ins), inline(rg, ins)
+            fgr, rgr = iter(fo[nv:]), iter(ro[nv:])
+            grads = [next(fgr) if fmask[k] else next(rgr) for k in range(len(mask)) if mask[k]]
+            atoms = [b.atom(x) for x in fo[:nv] + grads]
+        ncap = g.meta.get("num_captured", 0)
+        return simplify(Graph(b.inputs, b.eqns, atoms, name=name,
+                              meta={"num_captured": ncap} if ncap else {}))
+
+    return auto.auto_grad_graph(g, mask, arg_leaves, weights=w, with_value=with_value,
+                                policy=policy, name=name, forward_graph=forward_graph,
+                                reverse_graph=reverse_graph, mixed_graph=mixed_graph,
+                                combine=combine)
+
+
 def _check_policy(g: Graph, policy) -> None:
     if policy is None:
         return
@@ -230,8 +273,9 @@ def _check_policy(g: Graph, policy) -> None:
                            + "\n  ".join(bad))
 
 
-def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
-    """Gradient by forward mode: one tangent direction per element of the selected inputs."""
+def _forward_grad_graph(g: Graph, mask, with_value, name, max_dirs=None) -> Graph:
+    """Gradient by forward mode: one tangent direction per element of the selected inputs.
+    ``max_dirs``: only the first directions, their raw tangents as outputs (for costing)."""
     from . import ops
     from .core import Builder
     from .ir.passes import simplify
@@ -257,6 +301,8 @@ def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
         t = g.inputs[k].type
         for j in range(t.tensor.size()):
             dirs.append((k, j))
+    if max_dirs is not None:
+        dirs = dirs[:max_dirs]
     ndirs = max(1, len(dirs))
     jg = forward.jvp_graph(g, mask, ndirs)
     ncap = g.meta.get("num_captured", 0)
@@ -278,6 +324,9 @@ def _forward_grad_graph(g: Graph, mask, with_value, name) -> Graph:
                 tangents.append(_placed_like(e, prim_in[k]))
         outs = inline(jg, prim_in + tangents + cap_in)
         value, touts = outs[0], outs[1:]
+        if max_dirs is not None:
+            atoms = [b.atom(r) for r in ([value] if with_value else []) + list(touts)]
+            return simplify(Graph(b.inputs, b.eqns, atoms, name=name))
         grads = []
         d = 0
         for k in sel:

@@ -50,7 +50,7 @@ class FedOpt:
 
     def __init__(self, model: Model, server_optimizer: ServerOptimizer | None = None, *,
                  local_steps: int = 5, client_lr: float = 0.1,
-                 hypergradient_mode: str = "mixed", weight_mode: str = "reverse"):
+                 hypergradient_mode: str = "auto", weight_mode: str = "auto"):
         if local_steps < 1:
             raise ValueError(f"local_steps must be >= 1, got {local_steps}")
         self.model = model
