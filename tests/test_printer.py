@@ -199,7 +199,7 @@ DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 
-@pytest.mark.parametrize("page", ["getting-started.md", "ir.md", "ops.md", "transforms.md",
+@pytest.mark.parametrize("page", ["getting-started.md", "ir.md", "ops.md", "transforms.md", "modes.md",
                                   "../README.md"])
 def test_docs_examples_run_and_print_what_they_show(page):
     """Every ```python block of the page runs (in order, one namespace); a ```text block right
