@@ -35,6 +35,12 @@ MAX_BOUNDARY_SUBSETS = 4
 EXACT_FORWARD_DIRECTIONS = 16
 
 
+#: why remat is not built when client state carries no weight: it has the stateful schedule's
+#: rounds, sends what the clients would have kept again (bytes down >=) and recomputes it
+#: (client FLOPs >=), so its weighted cost is never lower
+REMAT_DOMINATED = "not lower than stateful when client state has no weight (CostWeights.state=0)"
+
+
 class _Estimate:
     """A cost report extrapolated affinely from forward graphs with 1 and 2 directions."""
 
@@ -120,6 +126,8 @@ def auto_grad_graph(g, mask, arg_leaves: dict, *, weights, with_value, policy,
             # no client state to give up: remat would build the same rounds
             rows.append(dict(candidate=f"{kind}/remat",
                              skipped="same as stateful (it keeps no client state)"))
+        elif stateful is not None and w.state == 0:
+            rows.append(dict(candidate=f"{kind}/remat", skipped=REMAT_DOMINATED))
         else:
             consider(f"{kind}/remat", lambda: make(mask, "remat"), note)
     pushed = [b for b in (built.get("mixed/stateful") or _NoGraph).meta.get("boundaries", [])
@@ -134,8 +142,8 @@ def auto_grad_graph(g, mask, arg_leaves: dict, *, weights, with_value, policy,
                     label = f"mixed/{state} pushing {{{', '.join(map(str, sub))}}}"
                     consider(label, lambda c=choice, st=state: mixed_graph(mask, st, False, c),
                              "boundaries pushed forward; the others reverse")
-                    if rows[-1].get("state") == 0:
-                        break                        # remat would keep the same nothing
+                    if rows[-1].get("state") == 0 or w.state == 0:
+                        break        # remat keeps the same nothing, or is dominated (above)
     elif len(pushed) > 1:
         consider("mixed/greedy", lambda: mixed_graph(mask, "stateful", True),
                  "per-boundary greedy search")
@@ -151,7 +159,7 @@ def auto_grad_graph(g, mask, arg_leaves: dict, *, weights, with_value, policy,
                 fmask = [k in fleaves for k in range(len(mask))]
                 rmask = [m and not f for m, f in zip(mask, fmask)]
                 for rev in ("reverse/stateful", "reverse/remat", "mixed/stateful"):
-                    if rev not in built:
+                    if rev not in built or (rev.endswith("remat") and w.state == 0):
                         continue
                     label = f"forward({_group_names(arg_names, fw)}) + {rev}"
 
