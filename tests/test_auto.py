@@ -164,22 +164,3 @@ def test_explain_prints_the_candidates_without_contradictions():
     # the table's weighted costs are fad.cost's, recomputed
     w = fad.CostWeights(**rep["weights"])
     assert costs[rep["chosen"]] == pytest.approx(_weighted(g, w), rel=1e-12)
-
-
-def test_mixed_keeps_a_boundary_reverse_when_pushing_it_forward_saves_nothing():
-    """The client-weights round w.r.t. (alpha, w) with remat clients: pushing the first mean
-    forward saves no round, byte or client state, only adds client FLOPs, so mixed keeps it
-    reverse unless boundaries= asks for it."""
-    f = fad.trace(weighted_round)
-    args = (ALPHA, W, XS, YS)
-    g = fad.grad(f, argnums=(0, 1), mode="mixed", state="remat").graph(*args)
-    first = g.meta["boundaries"][0]
-    assert first["choice"] == "reverse" and "saves no round" in first["reason"]
-    forced = fad.grad(f, argnums=(0, 1), mode="mixed", state="remat",
-                      boundaries={0: "pushforward"}).graph(*args)
-    c, cf = fad.cost(g, 100, 100), fad.cost(forced, 100, 100)
-    assert c.rounds == cf.rounds and c.client_state_bytes <= cf.client_state_bytes
-    assert c.bytes_down + c.bytes_up <= cf.bytes_down + cf.bytes_up
-    assert c.client_flops < cf.client_flops
-    for a, b in zip(_leaves(fad.run(g, *args)), _leaves(fad.grad(f, argnums=(0, 1))(*args))):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -15,9 +15,8 @@ Push-forward is possible at a boundary when its client work depends on different
 only through broadcasts (not on differentiated client arguments, whose gradients must be
 computed at the clients anyway) and the aggregate is small (``MAX_PUSHFORWARD`` elements).
 
-``mode="mixed"`` pushes forward wherever that is possible and saves a round, bytes or client
-state over reverse at that boundary (a push-forward saving none of them only costs client
-FLOPs); ``boundaries=`` overrides per boundary. ``mode="auto"`` starts from all-reverse and flips boundaries greedily while the
+``mode="mixed"`` pushes forward wherever possible (fewest rounds); ``boundaries=`` overrides per
+boundary. ``mode="auto"`` starts from all-reverse and flips boundaries greedily while the
 weighted cost (:class:`CostWeights`) falls, then also tries pushing every feasible boundary
 forward at once, recording why in ``graph.meta["boundaries"]`` (``fad.explain``).
 """
@@ -213,31 +212,10 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
                 raise DifferentiationError(
                     f"boundary {bd.index} ({bd.eqn.prim.name}) cannot be pushed forward: {bd.why}")
             choice[bd.index] = want
-            asked = bool(boundaries) and bd.index in boundaries
             report.append(dict(boundary=bd.index, aggregation=bd.eqn.prim.name,
-                               choice=want, reason="asked (boundaries=)" if asked else
-                               "mixed: push forward where possible" if bd.feasible else bd.why))
+                               choice=want, reason="mixed: push forward where possible"
+                               if bd.feasible else bd.why))
         g = build(choice)
-        # a push-forward costs client FLOPs (and usually bytes up); keep it only where it saves
-        # a round, bytes or client state over reverse at that boundary (boundaries= forces it)
-        pushed = [r for r in report if r["choice"] == "pushforward"
-                  and not (boundaries and r["boundary"] in boundaries)]
-        if pushed:
-            ref = CostWeights()
-            here = cost(g, ref.clients, ref.rows)
-            for r in pushed:
-                trial = {**choice, r["boundary"]: "reverse"}
-                tg = build(trial)
-                there = cost(tg, ref.clients, ref.rows)
-                if (there.rounds <= here.rounds
-                        and there.bytes_down + there.bytes_up <= here.bytes_down + here.bytes_up
-                        and there.client_state_bytes <= here.client_state_bytes):
-                    choice, g, here = trial, tg, there
-                    r["choice"] = "reverse"
-                    r["reason"] = ("pushing it forward saves no round, byte or client state "
-                                   "(boundaries= can force it)")
-                else:
-                    r["reason"] = (f"pushed forward: saves {_saving(there, here)}")
     else:
         w = weights or CostWeights()
         choice = {bd.index: "reverse" for bd in bds}
@@ -278,19 +256,6 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
                 choice, g, best = every, eg, total
     g.meta["boundaries"] = report
     return g
-
-
-def _saving(rev, push) -> str:
-    """What pushing a boundary forward saves over keeping it reverse."""
-    out = []
-    if rev.rounds > push.rounds:
-        out.append(f"{rev.rounds - push.rounds} round(s)")
-    b = rev.bytes_down + rev.bytes_up - push.bytes_down - push.bytes_up
-    if b > 0:
-        out.append(f"{b} bytes per client")
-    if rev.client_state_bytes > push.client_state_bytes:
-        out.append(f"{rev.client_state_bytes - push.client_state_bytes} bytes of client state")
-    return ", ".join(out)
 
 
 def explain(graph: Graph) -> str:
