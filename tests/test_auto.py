@@ -164,3 +164,14 @@ def test_explain_prints_the_candidates_without_contradictions():
     # the table's weighted costs are fad.cost's, recomputed
     w = fad.CostWeights(**rep["weights"])
     assert costs[rep["chosen"]] == pytest.approx(_weighted(g, w), rel=1e-12)
+
+
+def test_auto_with_a_ragged_client_argument():
+    """Forward mode cannot take a ragged client argument: auto says so and picks another."""
+    f = fad.trace(lambda w, X: fnp.sum(w) + fad.sum(fnp.sum(fnp.tanh(X))))
+    args = (W, XS)
+    g = fad.grad(f, argnums=(0, 1), mode="auto").graph(*args)
+    fwd = next(r for r in g.meta["auto"]["candidates"] if r["candidate"] == "forward")
+    assert "client argument" in fwd["skipped"]
+    for a, b in zip(_leaves(fad.run(g, *args)), _leaves(fad.grad(f, argnums=(0, 1))(*args))):
+        np.testing.assert_allclose(a, b, rtol=1e-12)

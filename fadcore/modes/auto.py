@@ -100,8 +100,8 @@ def auto_grad_graph(g, mask, arg_leaves: dict, *, weights, with_value, policy,
         rows.append(_row(label, cost(graph, w.clients, w.rows), w, note))
 
     sel = [k for k, m in enumerate(mask) if m]
-    nfwd = sum(g.inputs[k].type.tensor.size() for k in sel)
     why_not = forward_eligible(g, sel)
+    nfwd = 0 if why_not else sum(g.inputs[k].type.tensor.size() for k in sel)
     if why_not is None and nfwd <= EXACT_FORWARD_DIRECTIONS:
         consider("forward", lambda: forward_graph(mask),
                  f"{nfwd} direction{'s' if nfwd > 1 else ''}")
