@@ -960,7 +960,8 @@ def _untake_impl(ct, idx, *, axis, dim):
     k = np.ndim(idx)
     out = np.zeros(ct.shape[:axis] + (dim,) + ct.shape[axis + k:], dtype=ct.dtype)
     moved = np.moveaxis(out, axis, 0)
-    ctm = ct.reshape(ct.shape[:axis] + (-1,) + ct.shape[axis + k:])
+    # the indexed axes flattened (spelled out: -1 is ambiguous when another axis is 0)
+    ctm = ct.reshape(ct.shape[:axis] + (int(np.size(idx)),) + ct.shape[axis + k:])
     np.add.at(moved, np.ravel(idx), np.moveaxis(ctm, axis, 0))
     return out
 

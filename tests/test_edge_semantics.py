@@ -128,3 +128,26 @@ def test_negative_labels_through_reshapes_and_one_hot(backend):
     bad = fad.clients([np.array([[0], [2]]), np.array([[-3]])])
     with pytest.raises(fad.ShapeError, match=r"indexes one_hot .* client 1 holds -3 at \(0, 0\)"):
         fad.run(counts.graph(bad), bad, backend=backend)
+
+
+# --------------------------------------------------------------------------- dead work
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_work_that_only_feeds_a_token_is_not_run_anywhere(backend):
+    """``after x token`` needs the token's round, not its value: the numba backend never runs
+    work whose value no output needs, so the reference does not either (found by the fuzzer: an
+    out-of-range index there was an error on one backend only)."""
+    from fadcore.ir.graph import Eqn, Graph, Literal, Var
+    from fadcore.ir.primitives import primitives
+    from fadcore.ir.serialize import parse_type
+    x, idx = Var(parse_type("f64[3]@SERVER")), Var(parse_type("i64[]@SERVER"))
+    t = Var(parse_type("f64[]@SERVER"))
+    out = Var(parse_type("f64[3]@SERVER"))
+    g = Graph([x, idx], [Eqn(primitives["take"], [x, idx], t, {"axis": 0}),
+                         Eqn(primitives["after"], [x, t], out, {})], [out])
+    g.verify()
+    got = fad.run(g, np.arange(3.0), np.int64(7), backend=backend)     # 7: out of range
+    np.testing.assert_array_equal(got, [0.0, 1.0, 2.0])
+    g2 = Graph([x, idx], g.eqns, [t])                                 # now the value is needed
+    with pytest.raises(fad.ShapeError, match="take"):
+        fad.run(g2, np.arange(3.0), np.int64(7), backend=backend)

@@ -20,6 +20,18 @@ from fadcore.testing import fuzz
 CI = bool(os.environ.get("CI"))
 
 
+def test_bounded_campaign_finds_nothing():
+    cases = fuzz.make_cases(programs=6 if CI else 15, mutations=5, seed=20261202)
+    origins = {c.origin.split(":")[0] for c in cases}
+    assert origins == {"program", "grad-reverse", "grad-mixed", "mutation", "raw"}
+    report = fuzz.run_cases(cases)
+    assert report.cases == len(cases)
+    assert report.ok, report.summary()
+    # the campaign is not vacuous: graphs ran and agreed, hostile ones were refused
+    assert report.verdicts["ok"] >= len(cases) // 4, report.summary()
+    assert report.verdicts["rejected"] >= 1, report.summary()
+
+
 def test_the_harness_survives_a_crash_and_a_hang():
     good = fad.trace(lambda x: fad.sum(x * 2.0)).graph(fad.clients([np.ones(2)])).to_json()
     texts = [good, fuzz.SELFTEST_CRASH, good, fuzz.SELFTEST_HANG, good, "{not json"]

@@ -48,6 +48,18 @@ EXPECTED = {
     # 30 outputs of 2 GiB each, every one under a per-value limit
     "bomb_many_values_60gib.json": (r"a run would hold 60\.0 GiB .*f64\[16384,16384\]@SERVER",
                                     30 * 8 * 16384**2),
+    # every param is validated by its type rule (issue 18 items 1, 4 and 7)
+    "param_argmax_axis_minus1.json": (r"equation 0 \(argmax\): argmax: axis -1 out of range "
+                                      r"for a 2-d operand", None),
+    "param_argmax_axis_5.json": (r"argmax: axis 5 out of range for a 2-d operand", None),
+    "param_reduce_axes_float.json": (r"reduce_sum: axes=\(0\.0,\) must be a tuple of ints", None),
+    "param_transpose_perm_bool.json": (r"transpose: perm=\(True, False\) must be a tuple of ints",
+                                       None),
+    "param_untake_axis_9.json": (r"untake: axis 9 out of range for a 2-d operand", None),
+    "param_untake_along_axis_minus1.json": (r"untake_along_axis: axis -1 out of range for a "
+                                            r"2-d operand", None),
+    "param_one_hot_depth_float.json": (r"one_hot: depth=3\.0 must be an int", None),
+    "param_unknown.json": (r"neg: unexpected parameter 'axis' \(it takes none\)", None),
 }
 
 

@@ -95,8 +95,12 @@ def execute(graph: Graph, inputs: Inputs) -> list:
             if not isinstance(a, Literal)}
     for a in graph.outputs:
         last.pop(a, None)
+    needed = _needed(graph)
     for k, e in enumerate(graph.eqns):
-        args = [read(a) for a in e.inputs]
+        if e.out not in needed:
+            continue
+        args = [read(a) if j == 0 or e.prim.name != "after" else None
+                for j, a in enumerate(e.inputs)]
         if e.prim.kind == "federated":
             if e.prim in _AGGREGATIONS:
                 ints = e.prim.name in _INT_ARITH
@@ -135,6 +139,18 @@ def execute(graph: Graph, inputs: Inputs) -> list:
         else:
             outs.append(np.asarray(v, dtype=t.dtype.np))
     return outs
+
+
+def _needed(graph: Graph) -> set:
+    """The variables the outputs' values depend on. Work that only feeds the token of an
+    ``after`` (a scheduling edge) is not run, as on the numba backend: its errors (an index out
+    of range) would otherwise be raised here and not there."""
+    need = {a for a in graph.outputs if not isinstance(a, Literal)}
+    for e in reversed(graph.eqns):
+        if e.out in need:
+            ins = e.inputs[:1] if e.prim.name == "after" else e.inputs
+            need.update(a for a in ins if not isinstance(a, Literal))
+    return need
 
 
 @contextlib.contextmanager

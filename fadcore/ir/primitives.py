@@ -281,6 +281,7 @@ def infer_type(prim: Primitive, in_types: list, params: dict, source: str | None
     check_placements(prim.name, in_types, source)
     tensors = [t.tensor if isinstance(t, FederatedType) else t for t in in_types]
     try:
+        check_params(prim.name, tensors, params)
         out = prim.shape_rule(*tensors, **params)
         check_shape(prim.name, out.shape)
     except FadError as e:
@@ -368,3 +369,6 @@ SECURE_AGGREGATIONS = by_comm(Comm.SECURE_AGGREGATE)
 COMMUNICATION = by_comm(*COMMUNICATION_KINDS)
 #: every primitive that is not local
 FEDERATED = tuple(p for p in primitives.values() if p.comm is not Comm.LOCAL)
+
+
+from .params import check_params  # noqa: E402  (it uses the helpers above)
