@@ -255,10 +255,13 @@ def default_client() -> "distributed.Client":
 
 
 def shutdown(_locked: bool = False) -> None:
-    """Close the default client and its cluster (if they were made)."""
+    """Close the default client and its cluster (if they were made), and the clients made
+    for ``client='tcp://...'`` addresses."""
     if not _locked:
+        _close_connected()          # first: they may be connected to the default cluster
         with _DEFAULT_LOCK:
-            return shutdown(_locked=True)
+            shutdown(_locked=True)
+        return None
     c, cluster = _DEFAULT.pop("client", None), _DEFAULT.pop("cluster", None)
     if c is not None:
         _leaves.forget(c)
@@ -393,13 +396,15 @@ def resolve_client(client) -> "distributed.Client":
 
 
 def _close_connected() -> None:
-    for c in _BY_ADDRESS.values():
+    with _DEFAULT_LOCK:
+        clients = list(_BY_ADDRESS.values())
+        _BY_ADDRESS.clear()
+    for c in clients:
         _leaves.forget(c)
         try:
             c.close()
         except Exception:   # noqa: BLE001 -- best effort at exit
             pass
-    _BY_ADDRESS.clear()
 
 
 atexit.register(_close_connected)
