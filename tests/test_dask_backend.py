@@ -388,8 +388,9 @@ def test_workers_killed_in_successive_rounds_never_hang(client):
     killed = []
 
     def replaced():
-        """Wait until the last victim is gone and its replacement has joined."""
-        deadline = time.monotonic() + TIMEOUT
+        """Wait until the last victim is gone and its replacement has joined (a generous
+        deadline: a worker process starts slowly on a busy machine)."""
+        deadline = time.monotonic() + NUMBA_TIMEOUT
         while killed and (killed[-1] in client.nthreads() or len(client.nthreads()) < 2):
             assert time.monotonic() < deadline, "the killed worker was not replaced"
             time.sleep(0.1)
@@ -401,10 +402,10 @@ def test_workers_killed_in_successive_rounds_never_hang(client):
             _kill(client, victim)
             killed.append(victim)
 
-    got = run_dask(g, *args, chunk_size=1, on_round=on_round, timeout=4 * TIMEOUT)
+    got = run_dask(g, *args, chunk_size=1, on_round=on_round, timeout=NUMBA_TIMEOUT)
     assert len(set(killed)) == 3
     assert_same(got, want)
-    client.wait_for_workers(2, timeout=TIMEOUT)
+    client.wait_for_workers(2, timeout=NUMBA_TIMEOUT)
     assert_same(run_dask(g, *args, chunk_size=2), want)
 
 
@@ -499,6 +500,6 @@ def test_secure_worker_lost_with_keys_is_a_dropout_error(client):
     # round 2 reads round 1's lost residuals: the error may come from round 1's recomputation
     with pytest.raises(fad.SecureAggregationError, match=r"round [12] .*client 0 no longer "
                                                          r"holds the key it agreed on"):
-        run_dask(g, *args, chunk_size=2, on_round=on_round)
+        run_dask(g, *args, chunk_size=2, on_round=on_round, timeout=NUMBA_TIMEOUT)
     assert killed
-    client.wait_for_workers(2, timeout=TIMEOUT)
+    client.wait_for_workers(2, timeout=NUMBA_TIMEOUT)
