@@ -1,7 +1,7 @@
 """Forward mode: the JVP rewrite of a graph.
 
 Every equation is re-emitted through its JVP rule (``jvp_rules``) with traced primals and
-tangents, so the tangent computation is recorded as ordinary equations of the same primitives:
+tangents (a primitive declared ``differentiable=False`` gets a zero tangent, no rule needed), so the tangent computation is recorded as ordinary equations of the same primitives:
 the JVP of a broadcast is a broadcast, of an aggregation the same aggregation. Same rounds as
 the primal, more bytes per round, no client state. Several tangent directions are handled in one
 graph (primal work is shared by CSE).
@@ -46,7 +46,7 @@ def emit_jvp(graph: Graph, primals: list, tangents_by_dir: list[list]) -> tuple[
         ins = [p(a) for a in e.inputs]
         with source_scope(e.source):
             tans = [[t(env, a) for a in e.inputs] for env in tenvs]
-            if all(is_zero(x) for ts in tans for x in ts):
+            if not e.prim.differentiable or all(is_zero(x) for ts in tans for x in ts):
                 penv[e.out] = bind(e.prim, *ins, **e.params)
                 for env in tenvs:
                     env[e.out] = Zero(e.out.type)

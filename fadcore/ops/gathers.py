@@ -1,0 +1,79 @@
+"""Gathers and their transposes (scatter-adds): take/untake, take_along_axis/untake_along_axis,
+one_hot: reference implementations, JVP and transpose rules, op functions."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..core import bind, impl_rules
+from ..ir.local_primitives import (one_hot_p, take_along_axis_p, take_p, untake_along_axis_p,
+                                   untake_p)
+from .rules import deflinear
+
+# --------------------------------------------------------------------------- take
+
+
+def _untake_impl(ct, idx, *, axis, dim):
+    ct = np.asarray(ct)
+    k = np.ndim(idx)
+    out = np.zeros(ct.shape[:axis] + (dim,) + ct.shape[axis + k:], dtype=ct.dtype)
+    moved = np.moveaxis(out, axis, 0)
+    # the indexed axes flattened (spelled out: -1 is ambiguous when another axis is 0)
+    ctm = ct.reshape(ct.shape[:axis] + (int(np.size(idx)),) + ct.shape[axis + k:])
+    np.add.at(moved, np.ravel(idx), np.moveaxis(ctm, axis, 0))
+    return out
+
+
+impl_rules[take_p] = lambda x, idx, *, axis: np.take(x, idx, axis=axis)
+impl_rules[untake_p] = _untake_impl
+
+
+def take(x, idx, axis):
+    return bind(take_p, x, idx, axis=axis)
+
+
+def untake(ct, idx, axis, dim):
+    return bind(untake_p, ct, idx, axis=axis, dim=dim)
+
+
+deflinear(take_p, lambda ct, x, idx, *, axis: [untake(ct, idx, axis, x.type.shape[axis]), None])
+deflinear(untake_p, lambda ct, c, idx, *, axis, dim: [take(ct, idx, axis), None])
+
+
+# --------------------------------------------------------------------------- take_along_axis
+
+def _untala_impl(ct, idx, *, axis, dim):
+    ct = np.asarray(ct)
+    out = np.zeros(ct.shape[:axis] + (dim,) + ct.shape[axis + 1:], dtype=ct.dtype)
+    # accumulate (indices may repeat): loop over the index axis positions
+    for j in range(idx.shape[axis]):
+        sl = [slice(None)] * ct.ndim
+        sl[axis] = slice(j, j + 1)
+        np.put_along_axis(out, idx[tuple(sl)],
+                          np.take_along_axis(out, idx[tuple(sl)], axis=axis) + ct[tuple(sl)],
+                          axis=axis)
+    return out
+
+
+impl_rules[take_along_axis_p] = lambda x, idx, *, axis: np.take_along_axis(x, idx, axis=axis)
+impl_rules[untake_along_axis_p] = _untala_impl
+
+
+def take_along_axis(x, idx, axis):
+    return bind(take_along_axis_p, x, idx, axis=axis)
+
+
+def untake_along_axis(ct, idx, axis, dim):
+    return bind(untake_along_axis_p, ct, idx, axis=axis, dim=dim)
+
+
+deflinear(take_along_axis_p, lambda ct, x, idx, *, axis: [
+    untake_along_axis(ct, idx, axis, x.type.shape[axis]), None])
+deflinear(untake_along_axis_p, lambda ct, c, idx, *, axis, dim: [
+    take_along_axis(ct, idx, axis), None])
+
+
+# --------------------------------------------------------------------------- one_hot
+
+impl_rules[one_hot_p] = lambda l, *, depth, dtype: (
+    np.asarray(l)[..., None] == np.arange(depth)).astype(dtype.np)
