@@ -16,12 +16,13 @@ from .errors import DifferentiationError
 from .ir.graph import Graph
 from .ir.types import CLIENTS, SERVER
 from .modes import forward, reverse
+from .modes.options import Mode
 from .tracing import TracedFunction, as_traced, cached_transform
 
 __all__ = ["grad", "value_and_grad", "jvp", "vjp", "hvp", "jacfwd", "jacrev", "hessian",
            "MODES"]
 
-MODES = ("forward", "reverse", "mixed", "auto")
+MODES = tuple(m.value for m in Mode)
 
 
 # --------------------------------------------------------------------------- argument selection
@@ -132,8 +133,7 @@ def value_and_grad(f, argnums=0, mode: str = "reverse", state: str = "stateful",
 
 
 def _grad_impl(f, argnums, mode, state, policy, weights, boundaries, with_value, has_aux):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = Mode.parse(mode, f"mode must be one of {MODES}, got {{value!r}}")
     bkey = tuple(sorted(boundaries.items())) if isinstance(boundaries, dict) else boundaries
     key = ("grad", argnums, mode, state, policy, weights, bkey, with_value, has_aux)
     return cached_transform(f, key, lambda: _make_grad(f, argnums, mode, state, policy, weights,
@@ -152,12 +152,12 @@ def _make_grad(f, argnums, mode, state, policy, weights, boundaries, with_value,
         nums, single = _normalize_argnums(argnums, len(tree[1]), fname)
         mask = _wrt_mask(g, nums, fname)
         name = f"{what}_{fname}"
-        if mode == "forward":
+        if mode is Mode.FORWARD:
             # the primal's flows must satisfy the policy too, even where the derivative graph
             # no longer contains them (reverse and mixed check this in their passes)
             reverse.broadcast_transpose_for(g, policy)
             dg = _forward_grad_graph(g, mask, with_value, name)
-        elif mode == "reverse" or g.out_types[0].placement is CLIENTS:
+        elif mode is Mode.REVERSE or g.out_types[0].placement is CLIENTS:
             local = g.out_types[0].placement is CLIENTS
             dg = reverse.vjp_graph(g, mask, seed="one" if local else "barrier",
                                    with_value=with_value, state=state, policy=policy, name=name)
@@ -166,26 +166,26 @@ def _make_grad(f, argnums, mode, state, policy, weights, boundaries, with_value,
         else:
             from .modes import mixed
             dg = mixed.mixed_vjp_graph(g, mask, with_value=with_value, state=state,
-                                       policy=policy, auto=(mode == "auto"), weights=weights,
+                                       policy=policy, auto=mode is Mode.AUTO, weights=weights,
                                        boundaries=boundaries, name=name)
         gtree = _grad_tree(tree, nums, single)
         nv = 1 if with_value else 0
         ng = len(dg.outputs) - nv
-        dg.outputs = dg.outputs[:nv] + _in_argnums_order(dg.outputs[nv:nv + ng], tree, nums)
+        dg = dg.replace(outputs=dg.outputs[:nv] + _in_argnums_order(
+            dg.outputs[nv:nv + ng], tree, nums))
         if aux is not None:
             dg = _append_aux(dg, full, aux)
             value_tree = ("tuple", (pytree.LEAF, aux[1]))
-            dg.out_tree = (("tuple", (value_tree, gtree)) if with_value
-                           else ("tuple", (gtree, aux[1])))
+            out_tree = (("tuple", (value_tree, gtree)) if with_value
+                        else ("tuple", (gtree, aux[1])))
             if with_value:      # outputs: value, grads..., aux... -> value, aux..., grads...
                 nv, na = 1, len(aux[0])
-                dg.outputs = dg.outputs[:nv] + dg.outputs[-na:] + dg.outputs[nv:-na]
+                dg = dg.replace(outputs=dg.outputs[:nv] + dg.outputs[-na:] + dg.outputs[nv:-na])
         else:
-            dg.out_tree = ("tuple", (pytree.LEAF, gtree)) if with_value else gtree
-        dg.in_tree = tree
-        dg.meta.update(mode=mode, state=state if mode != "forward" else None)
-        if policy is not None and policy.secure:
-            dg.meta["policy"] = "secure_sum"     # fad.run's secure aggregation is on by default
+            out_tree = ("tuple", (pytree.LEAF, gtree)) if with_value else gtree
+        dg = dg.replace(in_tree=tree, out_tree=out_tree, meta={
+            **dg.meta, "mode": mode.value, "state": state if mode is not Mode.FORWARD else None,
+            **_policy_meta(policy)})
         _check_policy(dg, policy)
         return dg, captured
 
@@ -218,7 +218,13 @@ def _append_aux(dg: Graph, full: Graph, aux) -> Graph:
         ins = [b.new_input(v.type) for v in dg.inputs]
         outs = inline(dg, ins) + inline(aux_graph, ins)
         atoms = [b.atom(x) for x in outs]
-    return simplify(Graph(b.inputs, b.eqns, atoms, name=dg.name, meta=dict(dg.meta)))
+    return simplify(Graph(b.inputs, b.eqns, atoms, name=dg.name, meta=dict(dg.meta),
+                          num_captured=dg.num_captured))
+
+
+def _policy_meta(policy) -> dict:
+    """fad.run's secure aggregation is on by default for graphs built under a secure policy."""
+    return {"policy": "secure_sum"} if policy is not None and policy.secure else {}
 
 
 def _auto_grad_graph(g, mask, tree, nums, with_value, policy, weights, name) -> Graph:
@@ -305,7 +311,7 @@ def _forward_grad_graph(g: Graph, mask, with_value, name, max_dirs=None) -> Grap
         dirs = dirs[:max_dirs]
     ndirs = max(1, len(dirs))
     jg = forward.jvp_graph(g, mask, ndirs)
-    ncap = g.meta.get("num_captured", 0)
+    ncap = g.num_captured
     nuser = len(g.inputs) - ncap
     # a zero tangent entry times an infinite partial is 0 here, not NaN (docs/modes.md)
     jg = forward.strong_zero_tangents(jg, range(nuser, nuser + ndirs * len(sel)))
@@ -338,7 +344,7 @@ def _forward_grad_graph(g: Graph, mask, with_value, name, max_dirs=None) -> Grap
             d += n
         results = ([value] if with_value else []) + grads
         atoms = [b.atom(r) for r in results]
-    out = Graph(b.inputs, b.eqns, atoms, name=name, meta={"num_captured": ncap} if ncap else {})
+    out = Graph(b.inputs, b.eqns, atoms, name=name, num_captured=ncap)
     return simplify(out)
 
 
@@ -396,14 +402,9 @@ def _jvp_function(f) -> TracedFunction:
                         f"jvp of {fname}: tangent {got} does not match its primal {want}")
                 mask.append(True)
         jg = forward.jvp_graph(g, mask, 1, name=f"jvp_{fname}")
-        ncap = g.meta.get("num_captured", 0)
-        jg.in_tree = tree
-        nout = len(g.outputs)
-        jg.out_tree = ("tuple", (g.out_tree, g.out_tree))
-        assert len(jg.outputs) == 2 * nout
-        if ncap:
-            jg.meta["num_captured"] = ncap
-        jg.meta.update(mode="forward")
+        assert len(jg.outputs) == 2 * len(g.outputs)
+        jg = jg.replace(in_tree=tree, out_tree=("tuple", (g.out_tree, g.out_tree)),
+                        num_captured=g.num_captured, meta={**jg.meta, "mode": "forward"})
         return jg, captured
 
     return TracedFunction(make_graph, f"jvp({fname})")
@@ -438,8 +439,7 @@ def vjp(f, *primals, argnums=None, has_aux: bool = False, mode: str = "reverse",
     ``f`` returns ``(out, aux)`` and ``vjp`` returns ``(out, vjp_fn, aux)``. ``num_clients=``
     binds the cohort size of a function with no client-placed argument.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    mode = Mode.parse(mode, f"mode must be one of {MODES}, got {{value!r}}")
     base = as_traced(f)
     out = base(*primals, num_clients=num_clients)
     key = ("vjp", argnums, has_aux, mode, state, policy)
@@ -474,7 +474,7 @@ def _vjp_function(base: TracedFunction, mode, state, policy, argnums=None,
         else:
             nums, single = _normalize_argnums(argnums, len(ptree[1]), f"vjp of {fname}")
             mask = _wrt_mask(g, nums, fname)[:np_]
-        mask = mask + [False] * g.meta.get("num_captured", 0)
+        mask = mask + [False] * g.num_captured
         if mode in ("mixed", "auto"):
             from .modes import mixed
             dg = mixed.mixed_vjp_graph(g, mask, seed="inputs", state=state, policy=policy,
@@ -485,17 +485,15 @@ def _vjp_function(base: TracedFunction, mode, state, policy, argnums=None,
         else:
             dg = reverse.vjp_graph(g, mask, seed="inputs", state=state, policy=policy,
                                    name=f"vjp_{fname}")
-        dg.in_tree = tree
         if argnums is None:
             # one cotangent per argument leaf; integer leaves get None
             leaves_tree = [pytree.LEAF if m else pytree.NONE for m in mask[:np_]]
-            dg.out_tree = _retree(ptree, leaves_tree)
+            dg = dg.replace(out_tree=_retree(ptree, leaves_tree))
         else:
-            dg.out_tree = _grad_tree(ptree, nums, single)
-            dg.outputs = _in_argnums_order(dg.outputs, ptree, nums)
-        dg.meta.update(mode=mode, state=state)
-        if policy is not None and policy.secure:
-            dg.meta["policy"] = "secure_sum"     # fad.run's secure aggregation is on by default
+            dg = dg.replace(out_tree=_grad_tree(ptree, nums, single),
+                            outputs=_in_argnums_order(dg.outputs, ptree, nums))
+        dg = dg.replace(in_tree=tree, meta={**dg.meta, "mode": mode.value, "state": state,
+                                            **_policy_meta(policy)})
         return dg, captured
 
     return TracedFunction(make_graph, f"vjp({fname})")
@@ -601,14 +599,14 @@ def _make_jacobian(f, argnums, has_aux, what, opts) -> TracedFunction:
         build = _jacfwd_outputs if what == "jacfwd" else _jacrev_outputs
         jg = build(g, mask, sel, name, fname, opts)
         per = len(sel)
-        jg.outputs = [x for o in range(len(g.outputs)) for x in _in_argnums_order(
-            jg.outputs[o * per:(o + 1) * per], tree, nums)]
+        jg = jg.replace(outputs=[x for o in range(len(g.outputs)) for x in _in_argnums_order(
+            jg.outputs[o * per:(o + 1) * per], tree, nums)])
         jtree = _jac_tree(g.out_tree, _grad_tree(tree, nums, single))
         if aux is not None:
             jg = _append_aux(jg, full, aux)
             jtree = ("tuple", (jtree, aux[1]))
-        jg.in_tree, jg.out_tree = tree, jtree
-        jg.meta.update(mode="forward" if what == "jacfwd" else opts["mode"])
+        jg = jg.replace(in_tree=tree, out_tree=jtree, meta={
+            **jg.meta, "mode": "forward" if what == "jacfwd" else str(opts["mode"])})
         return jg, captured
 
     return TracedFunction(make_graph, f"{what}({fname})")
@@ -645,15 +643,14 @@ def _jac_graph(g: Graph, name: str, body) -> Graph:
     """A graph with ``g``'s inputs whose outputs ``body(user_inputs, captured)`` emits."""
     from .core import Builder
     from .ir.passes import simplify
-    ncap = g.meta.get("num_captured", 0)
+    ncap = g.num_captured
     nuser = len(g.inputs) - ncap
     b = Builder(name)
     with b:
         prim_in = [b.new_input(v.type) for v in g.inputs[:nuser]]
         cap_in = [b.new_input(v.type) for v in g.inputs[nuser:]]
         atoms = [b.atom(x) for x in body(prim_in, cap_in)]
-    return simplify(Graph(b.inputs, b.eqns, atoms, name=name,
-                          meta={"num_captured": ncap} if ncap else {}))
+    return simplify(Graph(b.inputs, b.eqns, atoms, name=name, num_captured=ncap))
 
 
 def _jacfwd_outputs(g: Graph, mask, sel, name, fname, opts) -> Graph:

@@ -388,7 +388,7 @@ def _make_vmap(base, in_axes, out_axes):
         if not found:
             raise BatchingError(f"vmap of {fname}: no argument is batched (in_axes={in_axes!r})")
         g, captured = base._graph_for(tree, tuple(per))
-        ncap = g.meta.get("num_captured", 0)
+        ncap = g.num_captured
         nuser = len(g.inputs) - ncap
         b = Builder(f"vmap_{fname}")
         with b:
@@ -418,10 +418,8 @@ def _make_vmap(base, in_axes, out_axes):
                 perm.insert(ax, 0)
                 results.append(b.atom(_transpose(o, perm)))
         vg = Graph(b.inputs, b.eqns, results, in_tree=tree, out_tree=g.out_tree,
-                   name=f"vmap_{fname}", meta={"num_captured": ncap} if ncap else {})
+                   name=f"vmap_{fname}", num_captured=ncap)
         from .ir.passes import simplify
-        vg = simplify(vg)
-        vg.in_tree, vg.out_tree = tree, g.out_tree
-        return vg, captured
+        return simplify(vg).replace(in_tree=tree, out_tree=g.out_tree), captured
 
     return TracedFunction(make_graph, f"vmap({fname})")

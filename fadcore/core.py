@@ -37,13 +37,34 @@ transpose_rules: dict[Primitive, Callable] = {}
 # --------------------------------------------------------------------------- source lines
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
-_source_override: list[str | None] = []
+
+
+class TraceContext:
+    """All tracing state, in one object: the active builders (innermost last) and the source
+    lines that passes re-emitting equations attribute them to (innermost last)."""
+
+    __slots__ = ("builders", "sources")
+
+    def __init__(self):
+        self.builders: list[Builder] = []
+        self.sources: list[str | None] = []
+
+    def current(self) -> "Builder | None":
+        """The innermost active builder, where ``bind`` records equations."""
+        return self.builders[-1] if self.builders else None
+
+    def is_active(self, builder: "Builder") -> bool:
+        return builder in self.builders
+
+
+#: the one trace context (JAX keeps the same in its thread-local trace state)
+trace_context = TraceContext()
 
 
 def user_source() -> str | None:
     """``file:line (function)`` of the innermost frame outside fadcore and NumPy."""
-    if _source_override:
-        return _source_override[-1]
+    if trace_context.sources:
+        return trace_context.sources[-1]
     f = sys._getframe(1)
     while f is not None:
         fn = f.f_code.co_filename
@@ -56,11 +77,11 @@ def user_source() -> str | None:
 @contextlib.contextmanager
 def source_scope(source: str | None):
     """Attribute equations emitted inside to ``source`` (used by passes rewriting a graph)."""
-    _source_override.append(source)
+    trace_context.sources.append(source)
     try:
         yield
     finally:
-        _source_override.pop()
+        trace_context.sources.pop()
 
 
 def at_source(source: str | None) -> str:
@@ -127,8 +148,6 @@ class Tracer:
 
 # --------------------------------------------------------------------------- builders
 
-_stack: list["Builder"] = []
-
 
 class Builder:
     """Collects the equations of one trace. Builders nest; values of outer builders used in
@@ -150,7 +169,7 @@ class Builder:
         if isinstance(x, Tracer):
             if x.builder is self:
                 return x.var
-            if x.builder in _stack:
+            if trace_context.is_active(x.builder):
                 got = self.captured.get(id(x))
                 if got is None:
                     got = (x, Var(x.var.type))
@@ -167,16 +186,16 @@ class Builder:
         return Tracer(v, self)
 
     def __enter__(self) -> "Builder":
-        _stack.append(self)
+        trace_context.builders.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        popped = _stack.pop()
+        popped = trace_context.builders.pop()
         assert popped is self
 
 
 def current_builder() -> Builder | None:
-    return _stack[-1] if _stack else None
+    return trace_context.current()
 
 
 def to_literal(x) -> Literal:
@@ -204,19 +223,19 @@ def bind(prim: Primitive, *args, **params):
     """Apply ``prim``: record an equation when tracing, evaluate eagerly otherwise."""
     builder = None
     if any(isinstance(a, Tracer) for a in args):
-        if not _stack:
+        builder = trace_context.current()
+        if builder is None:
             raise TracingError(
                 f"{prim.name}: a traced value escaped the function it was traced in (a leaked "
                 "tracer); return it from that function instead of storing it")
-        builder = _stack[-1]
     if builder is None and (prim.comm is not Comm.LOCAL):
         builder = current_builder()
         if builder is None:
             raise TracingError(
                 f"fad.{prim.name} moves values between placements and only runs inside a "
                 f"traced function (decorate it with @fad.trace){at_source(user_source())}")
-    if builder is None and _stack and _makes_rows(prim, params):
-        builder = _stack[-1]        # constants to a ragged shape: an equation at CLIENTS
+    if builder is None and _makes_rows(prim, params):
+        builder = current_builder()     # constants to a ragged shape: an equation at CLIENTS
     if builder is None:
         return _eager(prim, args, params)
     source = user_source()
@@ -268,9 +287,7 @@ def trace_to_graph(fun: Callable, in_types: list[FederatedType], in_tree, name: 
                 raise TracingError(f"output {i} of {name}: {e}") from None
     captured = list(builder.captured.values())
     graph = Graph(builder.inputs + [v for _, v in captured], builder.eqns, outputs,
-                  in_tree=in_tree, out_tree=out_tree, name=name)
-    if captured:
-        graph.meta["num_captured"] = len(captured)
+                  in_tree=in_tree, out_tree=out_tree, name=name, num_captured=len(captured))
     return graph, [t for t, _ in captured]
 
 

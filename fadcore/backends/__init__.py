@@ -127,7 +127,7 @@ def run(graph, *args, backend: str | None = None, num_clients: int | None = None
     ``"reference"`` the clients are simulated in this process by the round executor's
     in-process runtime (keyword ``chunk_size=``), each masking its own contribution."""
     from ..errors import TracingError
-    if graph.meta.get("num_captured"):
+    if graph.num_captured:
         raise TracingError("this graph closes over values of an enclosing trace; it cannot run alone")
     leaves, tree = pytree.flatten(tuple(args))
     if tree != graph.in_tree:

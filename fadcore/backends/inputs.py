@@ -33,7 +33,7 @@ def _uses_clients(graph: Graph) -> bool:
 
 
 def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inputs:
-    n_user = len(graph.inputs) - graph.meta.get("num_captured", 0)
+    n_user = graph.num_user_inputs
     if len(leaves) != n_user:
         raise ShapeError(f"{graph.name}: expected {n_user} arguments, got {len(leaves)}")
     values: list = []

@@ -68,25 +68,67 @@ def atom_type(a: Atom) -> FederatedType:
     return a.type if isinstance(a, Var) else FederatedType(a.type, SERVER, True)
 
 
+class FrozenList(list):
+    """A list that cannot be changed in place (a graph's inputs, equations and outputs).
+    Slicing and ``+`` give ordinary lists, so new graphs are built from old ones as usual."""
+
+    __slots__ = ()
+
+    def _immutable(self, *args, **kw):
+        raise TypeError("a fad.Graph is immutable: build a new one with graph.replace(...)")
+
+    append = extend = insert = pop = remove = clear = sort = reverse = _immutable
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _immutable
+
+    def __reduce__(self):
+        return (FrozenList, (list(self),))
+
+
 class Graph:
-    """A traced federated computation. ``str(graph)`` is its text form."""
+    """A traced federated computation. ``str(graph)`` is its text form.
+
+    Immutable after construction (``graph.replace(...)`` makes a changed copy), so backends
+    may cache what they derive from it (``_lowered``); ``meta`` is a dict of annotations
+    (mode, boundary choices...) that no backend reads. The last ``num_captured`` inputs are
+    values captured from an enclosing trace (they are not in ``in_tree``)."""
 
     __slots__ = ("inputs", "eqns", "outputs", "in_tree", "out_tree", "name", "meta",
-                 "_lowered")
+                 "num_captured", "_lowered")
 
     def __init__(self, inputs, eqns, outputs, in_tree=None, out_tree=None, name="f",
-                 meta=None):
-        self.inputs = list(inputs)
-        self.eqns = list(eqns)
-        self.outputs = list(outputs)
-        self.in_tree = in_tree if in_tree is not None else (
-            "tuple", tuple(pytree.LEAF for _ in self.inputs))
-        self.out_tree = out_tree if out_tree is not None else (
+                 meta=None, num_captured: int = 0):
+        init = object.__setattr__
+        init(self, "inputs", FrozenList(inputs))
+        init(self, "eqns", FrozenList(eqns))
+        init(self, "outputs", FrozenList(outputs))
+        init(self, "in_tree", in_tree if in_tree is not None else (
+            "tuple", tuple(pytree.LEAF for _ in range(len(self.inputs) - num_captured))))
+        init(self, "out_tree", out_tree if out_tree is not None else (
             pytree.LEAF if len(self.outputs) == 1 else
-            ("tuple", tuple(pytree.LEAF for _ in self.outputs)))
-        self.name = name
-        self.meta = dict(meta or {})
-        self._lowered = {}
+            ("tuple", tuple(pytree.LEAF for _ in self.outputs))))
+        init(self, "name", name)
+        meta = dict(meta or {})
+        if "num_captured" in meta:
+            raise ValueError("Graph: num_captured is a field, not a meta key")
+        init(self, "meta", meta)         # annotations (mode, boundaries...): not computed on
+        init(self, "num_captured", int(num_captured))
+        init(self, "_lowered", {})       # backend caches, keyed by backend
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a fad.Graph is immutable (cannot set {name}): build a new one "
+                             "with graph.replace(...)")
+
+    __delattr__ = __setattr__
+
+    def __reduce__(self):
+        # pickled by its fields (the backend caches are not carried over)
+        return (_graph, (list(self.inputs), list(self.eqns), list(self.outputs), self.in_tree,
+                         self.out_tree, self.name, self.meta, self.num_captured))
+
+    @property
+    def num_user_inputs(self) -> int:
+        """The inputs the caller passes (the captured ones excluded)."""
+        return len(self.inputs) - self.num_captured
 
     # -- types ---------------------------------------------------------------------------
     @property
@@ -150,6 +192,10 @@ class Graph:
     def replace(self, **kw: Any) -> "Graph":
         fields = dict(inputs=self.inputs, eqns=self.eqns, outputs=self.outputs,
                       in_tree=self.in_tree, out_tree=self.out_tree, name=self.name,
-                      meta=self.meta)
+                      meta=self.meta, num_captured=self.num_captured)
         fields.update(kw)
         return Graph(**fields)
+
+
+def _graph(inputs, eqns, outputs, in_tree, out_tree, name, meta, num_captured) -> Graph:
+    return Graph(inputs, eqns, outputs, in_tree, out_tree, name, meta, num_captured)

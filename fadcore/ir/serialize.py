@@ -336,6 +336,14 @@ def _element_ok(x, dt: DType) -> bool:
 
 # --------------------------------------------------------------------------- writing
 
+def _meta_of(graph: Graph) -> dict:
+    """The written ``meta`` object: the graph's meta, and ``num_captured`` where nonzero."""
+    meta = dict(graph.meta)
+    if graph.num_captured:
+        meta["num_captured"] = graph.num_captured
+    return meta
+
+
 def to_json(graph: Graph, indent: int | None = None) -> str:
     """The JSON text of ``graph`` (see the module docstring for the format).
 
@@ -407,7 +415,7 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
         "outputs": outputs,
         "in_tree": _enc_tree(graph.in_tree, "in_tree"),
         "out_tree": _enc_tree(graph.out_tree, "out_tree"),
-        "meta": _enc_value(dict(graph.meta), "meta")[1],
+        "meta": _enc_value(_meta_of(graph), "meta")[1],
     }
     for key in ("inputs", "eqns", "outputs", "literals"):
         if len(doc[key]) > LIMITS[key]:
@@ -613,13 +621,13 @@ def _build(doc: Any) -> Graph:
     if not isinstance(meta_raw, dict) or len(meta_raw) > LIMITS["meta_keys"]:
         raise _fail("meta", f"expected an object of at most {LIMITS['meta_keys']} entries")
     meta = {k: _dec_value(v, f"meta.{k}") for k, v in meta_raw.items()}
-    nc = meta.get("num_captured", 0)
+    nc = meta.pop("num_captured", 0)
     if not (isinstance(nc, int) and not isinstance(nc, bool) and 0 <= nc <= len(inputs)):
         raise _fail("meta.num_captured", f"expected an int between 0 and {len(inputs)}, "
                                          f"got {_short(nc)}")
 
     graph = Graph(inputs, eqns, outputs, in_tree=in_tree, out_tree=out_tree, name=name,
-                  meta=meta)
+                  meta=meta, num_captured=nc)
     from ..errors import VerificationError
     from .verifier import verify
     try:

@@ -47,7 +47,7 @@ def verify(g: Graph) -> None:
     for a in g.outputs:
         if isinstance(a, Var) and a not in defined:
             raise VerificationError("an output is not defined by the graph")
-    if num_leaves(g.in_tree) != len(g.inputs) - g.meta.get("num_captured", 0):
+    if num_leaves(g.in_tree) != g.num_user_inputs:
         raise VerificationError("the input tree does not match the number of inputs")
     if num_leaves(g.out_tree) != len(g.outputs):
         raise VerificationError("the output tree does not match the number of outputs")

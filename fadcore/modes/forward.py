@@ -70,7 +70,7 @@ def jvp_graph(graph: Graph, mask: list[bool], ndirs: int = 1, *, instantiate_zer
               name: str | None = None) -> Graph:
     """The JVP graph: inputs (primals, tangents of masked inputs per direction, captures),
     outputs (primal outputs, tangent outputs per direction)."""
-    ncap = graph.meta.get("num_captured", 0)
+    ncap = graph.num_captured
     nuser = len(graph.inputs) - ncap
     if any(mask[nuser:]):
         raise DifferentiationError("captured values of an enclosing trace are held fixed")
@@ -88,8 +88,7 @@ def jvp_graph(graph: Graph, mask: list[bool], ndirs: int = 1, *, instantiate_zer
             touts = [[instantiate(t, o) for t, o in zip(ts, outs)] for ts in touts]
         out_atoms = [b.atom(x) for x in outs] + [b.atom(x) for ts in touts for x in ts]
     inputs = b.inputs
-    g = Graph(inputs, b.eqns, out_atoms, name=b.name,
-              meta={"num_captured": ncap} if ncap else {})
+    g = Graph(inputs, b.eqns, out_atoms, name=b.name, num_captured=ncap)
     return simplify(g)
 
 
@@ -130,5 +129,5 @@ def strong_zero_tangents(graph: Graph, tangent_inputs) -> Graph:
                 tan.add(e.out)
         outs = [b.atom(read(a)) for a in graph.outputs]
     g = Graph(b.inputs, b.eqns, outs, in_tree=graph.in_tree, out_tree=graph.out_tree,
-              name=graph.name, meta=dict(graph.meta))
+              name=graph.name, meta=dict(graph.meta), num_captured=graph.num_captured)
     return simplify(g)

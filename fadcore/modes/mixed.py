@@ -33,6 +33,7 @@ from ..errors import DifferentiationError
 from ..ir.graph import Graph, Literal, Var
 from ..ir.passes import simplify
 from ..ir.types import CLIENTS
+from .options import Choice, Seed
 from .reverse import backpropagate, linear_vars, vjp_graph
 
 MAX_PUSHFORWARD = 64
@@ -177,9 +178,10 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
     from ..ir.cost import cost
     from .forward import jvp_graph
 
-    seed = "one" if seed in ("one", "barrier") else seed
+    seed = Seed.parse(seed, "seed must be 'barrier', 'one' or 'inputs', got {value!r}")
+    seed = Seed.ONE if seed in (Seed.ONE, Seed.BARRIER) else seed
     jg0 = jvp_graph(graph, mask)
-    ncap = graph.meta.get("num_captured", 0)
+    ncap = graph.num_captured
     nuser = len(graph.inputs) - ncap
     n_t = sum(mask)
     lin0 = linear_vars(jg0, jg0.inputs[nuser:nuser + n_t])
@@ -190,7 +192,7 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
                 raise DifferentiationError(f"boundaries: no boundary {k} (have {len(bds)})")
 
     def build(choice: dict) -> Graph:
-        chosen = [bd for bd in bds if choice.get(bd.index) == "pushforward"]
+        chosen = [bd for bd in bds if choice.get(bd.index) is Choice.PUSHFORWARD]
 
         def rewrite(jg, nuser_, n_t_, nout_):
             # jvp_graph is deterministic, so jg's boundaries are found again in the same order
@@ -205,20 +207,24 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
     if not auto:
         choice = {}
         for bd in bds:
-            want = (boundaries or {}).get(bd.index, "pushforward" if bd.feasible else "reverse")
-            if want not in ("reverse", "pushforward"):
-                raise DifferentiationError(f"boundaries: {want!r} is not 'reverse' or 'pushforward'")
-            if want == "pushforward" and not bd.feasible:
+            want = (boundaries or {}).get(
+                bd.index, Choice.PUSHFORWARD if bd.feasible else Choice.REVERSE)
+            try:
+                want = Choice(want)
+            except ValueError:
+                raise DifferentiationError(
+                    f"boundaries: {want!r} is not 'reverse' or 'pushforward'") from None
+            if want is Choice.PUSHFORWARD and not bd.feasible:
                 raise DifferentiationError(
                     f"boundary {bd.index} ({bd.eqn.prim.name}) cannot be pushed forward: {bd.why}")
             choice[bd.index] = want
             report.append(dict(boundary=bd.index, aggregation=bd.eqn.prim.name,
-                               choice=want, reason="mixed: push forward where possible"
+                               choice=want.value, reason="mixed: push forward where possible"
                                if bd.feasible else bd.why))
         g = build(choice)
     else:
         w = weights or CostWeights()
-        choice = {bd.index: "reverse" for bd in bds}
+        choice = {bd.index: Choice.REVERSE for bd in bds}
         g = build(choice)
         best = w.total(cost(g, w.clients, w.rows))
         for bd in bds:
@@ -227,7 +233,7 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
                 entry["reason"] = bd.why
                 report.append(entry)
                 continue
-            trial = {**choice, bd.index: "pushforward"}
+            trial = {**choice, bd.index: Choice.PUSHFORWARD}
             tg = build(trial)
             tc = cost(tg, w.clients, w.rows)
             total = w.total(tc)
@@ -243,19 +249,19 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
             report.append(entry)
         # single flips can miss a saving that needs several boundaries to change together (a
         # round disappears only when all its backward broadcasts do): try them all at once too
-        every = {bd.index: "pushforward" if bd.feasible else "reverse" for bd in bds}
+        every = {bd.index: Choice.PUSHFORWARD if bd.feasible else Choice.REVERSE for bd in bds}
         if every != choice:
             eg = build(every)
             total = w.total(cost(eg, w.clients, w.rows))
             if total < best:
                 for entry in report:
-                    if every[entry["boundary"]] == "pushforward" and entry["choice"] != "pushforward":
+                    if (every[entry["boundary"]] is Choice.PUSHFORWARD
+                            and entry["choice"] != "pushforward"):
                         entry["choice"] = "pushforward"
                         entry["reason"] = (f"pushed forward together with the other feasible "
                                            f"boundaries: weighted cost {total:.6g} < {best:.6g}")
                 choice, g, best = every, eg, total
-    g.meta["boundaries"] = report
-    return g
+    return g.replace(meta={**g.meta, "boundaries": report})
 
 
 def explain(graph: Graph) -> str:

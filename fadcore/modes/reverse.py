@@ -17,8 +17,6 @@ then rewrites the graph so clients keep nothing between rounds (:func:`remat`).
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from .. import ops
@@ -28,38 +26,30 @@ from ..ir.graph import Eqn, Graph, Literal, Var
 from ..ir.passes import simplify
 from ..ir.primitives import PLAIN_AGGREGATIONS
 from ..ir.types import CLIENTS, SERVER
-from ..ops import UndefinedPrimal, is_zero
+from ..ops import TransposeContext, UndefinedPrimal, call_transpose, is_zero
 from .forward import jvp_graph
+from .options import AggregationClass, Seed, State
 
 
 # --------------------------------------------------------------------------- aggregation class
 
-def aggregation_class(g: Graph) -> str:
-    """"secure" when every clients->server flow of ``g`` is a secure_sum (or there is none)."""
+def aggregation_class(g: Graph) -> AggregationClass:
+    """SECURE when every clients->server flow of ``g`` is a secure_sum (or there is none)."""
     for e in g.eqns:
         if e.prim in PLAIN_AGGREGATIONS:
-            return "plain"
-    return "secure"
-
-
-@contextlib.contextmanager
-def transposed_broadcasts_as(prim):
-    ops.transpose_aggregation.append(prim)
-    try:
-        yield
-    finally:
-        ops.transpose_aggregation.pop()
+            return AggregationClass.PLAIN
+    return AggregationClass.SECURE
 
 
 def broadcast_transpose_for(graph: Graph, policy) -> "ops.Primitive":
     secure = policy is not None and policy.secure
-    if secure and aggregation_class(graph) != "secure":
+    if secure and aggregation_class(graph) is not AggregationClass.SECURE:
         bad = sorted({e.prim.name for e in graph.eqns
                       if e.prim in PLAIN_AGGREGATIONS})
         raise ClosureError(
             f"policy {policy} allows only secure_sum for clients->server flows, but {graph.name} "
             f"already aggregates with {', '.join(bad)}; no derivative can satisfy the policy")
-    return ops.secure_sum_p if aggregation_class(graph) == "secure" else ops.sum_p
+    return ops.secure_sum_p if aggregation_class(graph) is AggregationClass.SECURE else ops.sum_p
 
 
 # --------------------------------------------------------------------------- linearize
@@ -85,10 +75,12 @@ def add_cotangents(a, b):
     return b if a is None else ops.add(a, b)
 
 
-def backpropagate(eqns, lin: set, read_known, ct_env: dict, mode="reverse") -> dict:
+def backpropagate(eqns, lin: set, read_known, ct_env: dict, mode="reverse",
+                  ctx: TransposeContext = TransposeContext()) -> dict:
     """Transpose the linear equations ``eqns`` (in forward order) given output cotangents.
 
-    ``ct_env`` maps linear vars to cotangent values and is updated in place."""
+    ``ct_env`` maps linear vars to cotangent values and is updated in place; ``ctx`` is what
+    the transpose rules may need to know (which aggregation a transposed broadcast becomes)."""
     for e in reversed(eqns):
         ct = ct_env.pop(e.out, None)
         if ct is None:
@@ -96,7 +88,7 @@ def backpropagate(eqns, lin: set, read_known, ct_env: dict, mode="reverse") -> d
         args = [UndefinedPrimal(a.type) if isinstance(a, Var) and a in lin else read_known(a)
                 for a in e.inputs]
         with source_scope(e.source):
-            cts = transpose_rule_for(e.prim, mode)(ct, *args, **e.params)
+            cts = call_transpose(transpose_rule_for(e.prim, mode), ctx, ct, args, e.params)
             for a, c in zip(e.inputs, cts, strict=True):
                 if isinstance(a, Var) and a in lin and c is not None and not is_zero(c):
                     ct_env[a] = add_cotangents(ct_env.get(a), c)
@@ -114,9 +106,9 @@ def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_val
     inputs after the primals). Outputs: [primal outputs if ``with_value``] + one cotangent per
     selected input. ``rewrite(jg, lin)`` may transform the linearized graph first (mixed modes).
     """
-    if state not in ("stateful", "remat"):
-        raise ValueError(f"state must be 'stateful' or 'remat', got {state!r}")
-    ncap = graph.meta.get("num_captured", 0)
+    state = State.parse(state, "state must be 'stateful' or 'remat', got {value!r}")
+    seed = Seed.parse(seed, "seed must be 'barrier', 'one' or 'inputs', got {value!r}")
+    ncap = graph.num_captured
     nuser = len(graph.inputs) - ncap
     nout = len(graph.outputs)
     agg = broadcast_transpose_for(graph, policy)
@@ -130,10 +122,10 @@ def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_val
     lin = linear_vars(jg, tan_vars)
 
     b = Builder(name or f"vjp_{graph.name}")
-    with b, transposed_broadcasts_as(agg):
+    with b:
         prim_in = [b.new_input(v.type) for v in graph.inputs[:nuser]]
         ct_in = ([b.new_input(graph.out_types[k]) for k in range(nout)]
-                 if seed == "inputs" else None)
+                 if seed is Seed.INPUTS else None)
         cap_in = [b.new_input(v.type) for v in graph.inputs[nuser:]]
         env: dict = {}
         for v, x in zip(jg.inputs[:nuser], prim_in):
@@ -155,24 +147,23 @@ def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_val
         touts = jg.outputs[nout:]
         ct_env: dict = {}
         for k, (o, t) in enumerate(zip(outs, touts)):
-            if seed == "inputs":
+            if seed is Seed.INPUTS:
                 ct = ct_in[k]
             else:
                 one = np.ones((), dtype=ops.tensor_type(o).dtype.np)
-                ct = ops.after(one, o) if seed == "barrier" else one
+                ct = ops.after(one, o) if seed is Seed.BARRIER else one
             if isinstance(t, Var) and t in lin:
                 ct_env[t] = add_cotangents(ct_env.get(t), ct)
-        backpropagate(linear_eqns, lin, read, ct_env)
+        backpropagate(linear_eqns, lin, read, ct_env, ctx=TransposeContext(agg))
         grads = []
         for v, x in zip(tan_vars, [p for p, m in zip(prim_in, mask) if m]):
             c = ct_env.get(v)
             grads.append(ops.zeros_like(x) if c is None else _placed_like(c, x))
         results = (outs if with_value else []) + grads
         out_atoms = [b.atom(r) for r in results]
-    g = Graph(b.inputs, b.eqns, out_atoms, name=b.name,
-              meta={"num_captured": ncap} if ncap else {})
+    g = Graph(b.inputs, b.eqns, out_atoms, name=b.name, num_captured=ncap)
     g = simplify(g)
-    if state == "remat":
+    if state is State.REMAT:
         g = simplify(remat(g))
     return g
 

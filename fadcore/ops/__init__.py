@@ -26,12 +26,13 @@ from .elementwise import (_weak, abs, add, convert, cos, div, eq, exp, expm1, ge
                           gt, le, log, log1p, logaddexp, logistic, lt, maximum, minimum, mul,
                           ne, neg, pow, select, sign, sin, sqrt, stop_gradient, sub, tanh)
 from .federated import (after, broadcast, fmean, fsum, num_clients, secure_sum,  # noqa: F401
-                        transpose_aggregation, weighted_mean)
+                        weighted_mean)
 from .gathers import take, take_along_axis, untake, untake_along_axis  # noqa: F401
 from .products import defbilinear, matmul, matvec, outer, vdot, vecmat  # noqa: F401
 from .reductions import argmax, reduce_max, reduce_sum  # noqa: F401
-from .rules import (UndefinedPrimal, Zero, add_tangents, atom_type, defjvp,  # noqa: F401
-                    deflinear, deflinear2, dtype, fit, instantiate, is_undefined, is_zero,
-                    linear_jvp, nonlinear, shape_of, tensor_type, unfit, zeros_like)
+from .rules import (TransposeContext, UndefinedPrimal, Zero, add_tangents,  # noqa: F401
+                    atom_type, call_transpose, defjvp, deflinear, deflinear2, dtype, fit,
+                    instantiate, is_undefined, is_zero, linear_jvp, nonlinear, shape_of,
+                    tensor_type, unfit, uses_context, zeros_like)
 from .shapes import (_resolve, broadcast_in_dim, concatenate, pad, reshape, rows,  # noqa: F401
                      slice_, transpose)

@@ -13,7 +13,7 @@ from ..core import bind, transpose_rules
 from ..ir.primitives import (after_p, broadcast_p, mean_p, num_clients_p, secure_sum_p, sum_p,
                              weighted_mean_p)
 from .elementwise import convert, div, mul, sub
-from .rules import defjvp, deflinear, dtype, is_undefined, nonlinear
+from .rules import defjvp, deflinear, dtype, is_undefined, nonlinear, uses_context
 
 
 def broadcast(x): return bind(broadcast_p, x)
@@ -29,10 +29,8 @@ def after(x, token):
     return bind(after_p, x, token)
 
 
-# the aggregation used for transposed broadcasts; set by the reverse pass (closure rule)
-transpose_aggregation: list = [sum_p]
-
-deflinear(broadcast_p, lambda ct, x: [bind(transpose_aggregation[-1], ct)])
+# a transposed broadcast aggregates with what the reverse pass chose (closure rule)
+deflinear(broadcast_p, uses_context(lambda ct, x, *, ctx: [bind(ctx.aggregation, ct)]))
 deflinear(sum_p, lambda ct, x: [broadcast(ct)])
 deflinear(secure_sum_p, lambda ct, x: [broadcast(ct)])
 deflinear(mean_p, lambda ct, x: [broadcast(div(ct, convert(num_clients(), dtype(ct))))])

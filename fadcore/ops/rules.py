@@ -22,6 +22,7 @@ Most rules are one line of math, declared with a helper that does the rest once 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -30,7 +31,7 @@ from ..core import bind, jvp_rules, transpose_rules
 from ..errors import DifferentiationError
 from ..ir.graph import Literal, atom_type  # noqa: F401  (re-exported)
 from ..ir.local_primitives import add_p, broadcast_in_dim_p, reduce_sum_p, zeros_like_p
-from ..ir.primitives import Primitive
+from ..ir.primitives import Primitive, sum_p
 from ..ir.types import FederatedType, TensorType, dtype_of
 
 # --------------------------------------------------------------------------- zeros and types
@@ -184,6 +185,31 @@ def deflinear2(prim: Primitive, fx: Callable, fy: Callable) -> None:
 
 def identity(x):
     return x
+
+
+# --------------------------------------------------------------------------- transpose context
+
+@dataclass(frozen=True)
+class TransposeContext:
+    """What a transpose rule may need to know about the pass transposing it. A rule that
+    needs it is marked with :func:`uses_context` and receives it as the keyword ``ctx``."""
+
+    #: what a transposed broadcast becomes: sum, or secure_sum when the primal aggregates only
+    #: with secure_sum or under a secure policy (the closure rule)
+    aggregation: Primitive = sum_p
+
+
+def uses_context(rule: Callable) -> Callable:
+    """Mark a transpose rule as taking the :class:`TransposeContext` (keyword ``ctx``)."""
+    rule.uses_context = True
+    return rule
+
+
+def call_transpose(rule: Callable, ctx: TransposeContext, ct, args, params: dict):
+    """Apply a transpose rule, passing ``ctx`` to the rules that take it."""
+    if getattr(rule, "uses_context", False):
+        return rule(ct, *args, ctx=ctx, **params)
+    return rule(ct, *args, **params)
 
 
 #: the old name of :func:`deflinear` without a transpose
