@@ -33,8 +33,10 @@ from ..errors import DifferentiationError
 from ..ir.graph import Graph, Literal, Var
 from ..ir.passes import simplify
 from ..ir.types import CLIENTS
-from .options import Choice, Seed
-from .reverse import backpropagate, linear_vars, vjp_graph
+from .linearize import linearize
+from .options import Choice, Seed, State
+from .reverse import reverse_from
+from .transpose import backpropagate, broadcast_transpose_for
 
 MAX_PUSHFORWARD = 64
 
@@ -71,10 +73,13 @@ class Boundary:
     size: int
 
 
-def find_boundaries(jg: Graph, lin: set) -> list[Boundary]:
-    producer = {e.out: e for e in jg.eqns}
+def find_boundaries(linear: Graph, lin: set) -> list[Boundary]:
+    """Every aggregation of tangents in the linear graph, with whether (and why not) it can be
+    pushed forward."""
+    producer = {e.out: e for e in linear.eqns}
+    order = {eq: k for k, eq in enumerate(linear.eqns)}
     out = []
-    for e in jg.eqns:
+    for e in linear.eqns:
         if e.prim not in ops.AGGREGATIONS or e.out not in lin:
             continue
         size = e.out.type.tensor.size()
@@ -100,7 +105,6 @@ def find_boundaries(jg: Graph, lin: set) -> list[Boundary]:
             stack.extend(a for a in p.inputs if isinstance(a, Var) and a in lin)
         if feasible and size > MAX_PUSHFORWARD:
             feasible, why = False, f"aggregate has {size} elements (> {MAX_PUSHFORWARD})"
-        order = {eq: k for k, eq in enumerate(jg.eqns)}
         region.sort(key=order.__getitem__)
         sources = sorted(set(sources), key=order.__getitem__)
         out.append(Boundary(len(out), e, feasible, why, sources, region, size))
@@ -109,23 +113,24 @@ def find_boundaries(jg: Graph, lin: set) -> list[Boundary]:
 
 # --------------------------------------------------------------------------- the rewrite
 
-def pushforward_rewrite(jg: Graph, lin: set, chosen: list[Boundary]) -> Graph:
-    """Replace each chosen boundary's tangent by ``Σ_b M_b · ẇ_b`` (see module doc)."""
+def pushforward_rewrite(linear: Graph, lin: set, chosen: list[Boundary]) -> Graph:
+    """The linear graph with each chosen boundary's tangent replaced by ``Σ_b M_b · ẇ_b`` (see
+    the module docstring); same inputs (residuals, tangents) and outputs."""
     by_eqn = {bd.eqn: bd for bd in chosen}
-    b = Builder(jg.name)
+    b = Builder(linear.name)
     with b:
-        env = {v: b.new_input(v.type) for v in jg.inputs}
+        env = {v: b.new_input(v.type) for v in linear.inputs}
 
         def read(a):
             return a.value if isinstance(a, Literal) else env[a]
 
-        for e in jg.eqns:
+        for e in linear.eqns:
             bd = by_eqn.get(e)
             with source_scope(e.source):
                 env[e.out] = (_pushforward(bd, lin, read) if bd is not None
                               else bind(e.prim, *[read(a) for a in e.inputs], **e.params))
-        outs = [b.atom(read(a)) for a in jg.outputs]
-    return simplify(jg.replace(inputs=b.inputs, eqns=b.eqns, outputs=outs))
+        outs = [b.atom(read(a)) for a in linear.outputs]
+    return simplify(linear.replace(inputs=b.inputs, eqns=b.eqns, outputs=outs))
 
 
 def _pushforward(bd: Boundary, lin: set, read):
@@ -175,93 +180,101 @@ def _aggregate_jacobian(agg, J, read):
 
 def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="stateful",
                     policy=None, auto=False, weights=None, boundaries=None, name=None) -> Graph:
-    from ..ir.cost import cost
-    from .forward import jvp_graph
+    """The mixed (``auto=False``) or auto derivative graph of ``graph`` w.r.t. ``mask``.
 
+    Linearize once, find the boundaries on the linear graph once, then build candidates by
+    pushing the chosen boundaries forward in the linear graph, transposing and assembling
+    (:func:`~fadcore.modes.reverse.reverse_from`). The per-boundary choices and their reasons
+    are recorded in ``meta["boundaries"]`` (:func:`explain`). Arguments as for
+    :func:`~fadcore.modes.reverse.vjp_graph`; ``boundaries`` maps a boundary index to
+    ``"reverse"`` or ``"pushforward"``; ``weights`` are the cost weights of ``auto``."""
     seed = Seed.parse(seed, "seed must be 'barrier', 'one' or 'inputs', got {value!r}")
     seed = Seed.ONE if seed in (Seed.ONE, Seed.BARRIER) else seed
-    jg0 = jvp_graph(graph, mask)
-    ncap = graph.num_captured
-    nuser = len(graph.inputs) - ncap
-    n_t = sum(mask)
-    lin0 = linear_vars(jg0, jg0.inputs[nuser:nuser + n_t])
-    bds = find_boundaries(jg0, lin0)
-    if boundaries:
-        for k in boundaries:
-            if not 0 <= k < len(bds):
-                raise DifferentiationError(f"boundaries: no boundary {k} (have {len(bds)})")
+    lz = linearize(graph, mask)
+    lin = lz.linear_vars()
+    bds = find_boundaries(lz.linear, lin)
+    for k in boundaries or {}:
+        if not 0 <= k < len(bds):
+            raise DifferentiationError(f"boundaries: no boundary {k} (have {len(bds)})")
 
     def build(choice: dict) -> Graph:
+        """The derivative graph with the boundaries ``choice`` marks PUSHFORWARD pushed."""
         chosen = [bd for bd in bds if choice.get(bd.index) is Choice.PUSHFORWARD]
+        linear = pushforward_rewrite(lz.linear, lin, chosen) if chosen else lz.linear
+        agg = broadcast_transpose_for(graph, policy)
+        return reverse_from(graph, lz.with_linear(linear), agg, seed=seed,
+                            with_value=with_value, state=State.parse(
+                                state, "state must be 'stateful' or 'remat', got {value!r}"),
+                            name=name)
 
-        def rewrite(jg, nuser_, n_t_, nout_):
-            # jvp_graph is deterministic, so jg's boundaries are found again in the same order
-            lin = linear_vars(jg, jg.inputs[nuser_:nuser_ + n_t_])
-            mine = find_boundaries(jg, lin)
-            return pushforward_rewrite(jg, lin, [mine[bd.index] for bd in chosen])
-
-        return vjp_graph(graph, mask, seed=seed, with_value=with_value, state=state,
-                         policy=policy, rewrite=rewrite if chosen else None, name=name)
-
-    report = []
-    if not auto:
-        choice = {}
-        for bd in bds:
-            want = (boundaries or {}).get(
-                bd.index, Choice.PUSHFORWARD if bd.feasible else Choice.REVERSE)
-            try:
-                want = Choice(want)
-            except ValueError:
-                raise DifferentiationError(
-                    f"boundaries: {want!r} is not 'reverse' or 'pushforward'") from None
-            if want is Choice.PUSHFORWARD and not bd.feasible:
-                raise DifferentiationError(
-                    f"boundary {bd.index} ({bd.eqn.prim.name}) cannot be pushed forward: {bd.why}")
-            choice[bd.index] = want
-            report.append(dict(boundary=bd.index, aggregation=bd.eqn.prim.name,
-                               choice=want.value, reason="mixed: push forward where possible"
-                               if bd.feasible else bd.why))
-        g = build(choice)
+    if auto:
+        g, report = _choose_auto(bds, build, weights or CostWeights())
     else:
-        w = weights or CostWeights()
-        choice = {bd.index: Choice.REVERSE for bd in bds}
-        g = build(choice)
-        best = w.total(cost(g, w.clients, w.rows))
-        for bd in bds:
-            entry = dict(boundary=bd.index, aggregation=bd.eqn.prim.name, choice="reverse")
-            if not bd.feasible:
-                entry["reason"] = bd.why
-                report.append(entry)
-                continue
-            trial = {**choice, bd.index: Choice.PUSHFORWARD}
-            tg = build(trial)
-            tc = cost(tg, w.clients, w.rows)
-            total = w.total(tc)
-            entry.update(reverse_cost=best, pushforward_cost=total,
-                         pushforward=dict(rounds=tc.rounds, bytes_up=tc.bytes_up,
-                                          bytes_down=tc.bytes_down, client_flops=tc.client_flops))
-            if total < best:
-                choice, g, best = trial, tg, total
-                entry["choice"] = "pushforward"
-                entry["reason"] = f"weighted cost {total:.6g} < {entry['reverse_cost']:.6g}"
-            else:
-                entry["reason"] = f"weighted cost {total:.6g} >= {best:.6g}"
-            report.append(entry)
-        # single flips can miss a saving that needs several boundaries to change together (a
-        # round disappears only when all its backward broadcasts do): try them all at once too
-        every = {bd.index: Choice.PUSHFORWARD if bd.feasible else Choice.REVERSE for bd in bds}
-        if every != choice:
-            eg = build(every)
-            total = w.total(cost(eg, w.clients, w.rows))
-            if total < best:
-                for entry in report:
-                    if (every[entry["boundary"]] is Choice.PUSHFORWARD
-                            and entry["choice"] != "pushforward"):
-                        entry["choice"] = "pushforward"
-                        entry["reason"] = (f"pushed forward together with the other feasible "
-                                           f"boundaries: weighted cost {total:.6g} < {best:.6g}")
-                choice, g, best = every, eg, total
+        g, report = _choose_mixed(bds, boundaries or {}, build)
     return g.replace(meta={**g.meta, "boundaries": report})
+
+
+def _choose_mixed(bds: list[Boundary], boundaries: dict, build) -> tuple[Graph, list]:
+    """Push forward every feasible boundary, unless ``boundaries`` says otherwise."""
+    choice, report = {}, []
+    for bd in bds:
+        want = boundaries.get(bd.index, Choice.PUSHFORWARD if bd.feasible else Choice.REVERSE)
+        try:
+            want = Choice(want)
+        except ValueError:
+            raise DifferentiationError(
+                f"boundaries: {want!r} is not 'reverse' or 'pushforward'") from None
+        if want is Choice.PUSHFORWARD and not bd.feasible:
+            raise DifferentiationError(
+                f"boundary {bd.index} ({bd.eqn.prim.name}) cannot be pushed forward: {bd.why}")
+        choice[bd.index] = want
+        report.append(dict(boundary=bd.index, aggregation=bd.eqn.prim.name,
+                           choice=want.value, reason="mixed: push forward where possible"
+                           if bd.feasible else bd.why))
+    return build(choice), report
+
+
+def _choose_auto(bds: list[Boundary], build, w: CostWeights) -> tuple[Graph, list]:
+    """Start from all-reverse and flip boundaries greedily while the weighted cost falls;
+    then also try pushing every feasible boundary forward at once (a round disappears only
+    when all its backward broadcasts do, which single flips can miss)."""
+    from ..ir.cost import cost
+    choice = {bd.index: Choice.REVERSE for bd in bds}
+    g = build(choice)
+    best = w.total(cost(g, w.clients, w.rows))
+    report = []
+    for bd in bds:
+        entry = dict(boundary=bd.index, aggregation=bd.eqn.prim.name, choice="reverse")
+        report.append(entry)
+        if not bd.feasible:
+            entry["reason"] = bd.why
+            continue
+        trial = {**choice, bd.index: Choice.PUSHFORWARD}
+        tg = build(trial)
+        tc = cost(tg, w.clients, w.rows)
+        total = w.total(tc)
+        entry.update(reverse_cost=best, pushforward_cost=total,
+                     pushforward=dict(rounds=tc.rounds, bytes_up=tc.bytes_up,
+                                      bytes_down=tc.bytes_down, client_flops=tc.client_flops))
+        if total < best:
+            choice, g, best = trial, tg, total
+            entry["choice"] = "pushforward"
+            entry["reason"] = f"weighted cost {total:.6g} < {entry['reverse_cost']:.6g}"
+        else:
+            entry["reason"] = f"weighted cost {total:.6g} >= {best:.6g}"
+    every = {bd.index: Choice.PUSHFORWARD if bd.feasible else Choice.REVERSE for bd in bds}
+    if every != choice:
+        eg = build(every)
+        total = w.total(cost(eg, w.clients, w.rows))
+        if total < best:
+            for entry in report:
+                if (every[entry["boundary"]] is Choice.PUSHFORWARD
+                        and entry["choice"] != "pushforward"):
+                    entry["choice"] = "pushforward"
+                    entry["reason"] = (f"pushed forward together with the other feasible "
+                                       f"boundaries: weighted cost {total:.6g} < {best:.6g}")
+            g = eg
+    return g, report
 
 
 def explain(graph: Graph) -> str:

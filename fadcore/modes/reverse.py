@@ -1,18 +1,19 @@
-"""Reverse mode: linearize, then transpose.
+"""Reverse mode: linearize → transpose → assemble.
 
-1. **Linearize**: the JVP graph (``forward.jvp_graph``) split by partial evaluation into
-   *known* equations (no tangent operand: the primal work and the residuals) and *linear*
-   equations (linear in the tangent inputs).
-2. **Transpose**: walk the linear equations backwards, applying each primitive's transpose rule
-   to the incoming cotangent. Transposes of federated primitives move cotangents the other way:
-   broadcastᵀ = sum (secure_sum when the primal aggregates only with secure_sum, or under a
-   secure policy), sumᵀ = secure_sumᵀ = broadcast, meanᵀ = broadcast then ÷ num_clients,
-   weighted_meanᵀ = broadcast(ct / Σw) · w.
+1. **Linearize** (:mod:`.linearize`): the JVP graph split into a *known* graph (the primal work;
+   it outputs the residuals) and a *linear* graph (linear in the tangent inputs).
+2. **Transpose** (:mod:`.transpose`): the linear graph run backwards, from output cotangents to
+   input cotangents. broadcastᵀ = sum (secure_sum when the primal aggregates only with
+   secure_sum, or under a secure policy), sumᵀ = secure_sumᵀ = broadcast, meanᵀ = broadcast
+   then ÷ num_clients, weighted_meanᵀ = broadcast(ct / Σw) · w.
+3. **Assemble** (:func:`assemble`): one graph running the known graph, seeding the output
+   cotangents, and running the transposed graph on the residuals and seeds.
 
 The schedule: a forward sweep (every round of the primal, its output aggregations included),
 then a backward sweep. The output cotangent is seeded as ``after(1.0, out)``, so the backward
 broadcasts come after the forward rounds even when the cotangent is constant. ``state="remat"``
-then rewrites the graph so clients keep nothing between rounds (:func:`remat`).
+then rewrites the assembled graph so clients keep nothing between rounds (:func:`remat`).
+Mixed modes rewrite the linear graph between steps 1 and 2 (:mod:`.mixed`).
 """
 
 from __future__ import annotations
@@ -20,157 +21,78 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
-from ..core import Builder, bind, source_scope, transpose_rules
-from ..errors import ClosureError, DifferentiationError
-from ..ir.graph import Eqn, Graph, Literal, Var
+from ..core import Builder, Tracer, inline
+from ..ir.graph import Eqn, Graph, Var
 from ..ir.passes import simplify
-from ..ir.primitives import PLAIN_AGGREGATIONS
+from ..ir.rounds import eqn_round, resident, stages
 from ..ir.types import CLIENTS, SERVER
-from ..ops import TransposeContext, UndefinedPrimal, call_transpose, is_zero
-from .forward import jvp_graph
-from .options import AggregationClass, Seed, State
-
-
-# --------------------------------------------------------------------------- aggregation class
-
-def aggregation_class(g: Graph) -> AggregationClass:
-    """SECURE when every clients->server flow of ``g`` is a secure_sum (or there is none)."""
-    for e in g.eqns:
-        if e.prim in PLAIN_AGGREGATIONS:
-            return AggregationClass.PLAIN
-    return AggregationClass.SECURE
-
-
-def broadcast_transpose_for(graph: Graph, policy) -> "ops.Primitive":
-    secure = policy is not None and policy.secure
-    if secure and aggregation_class(graph) is not AggregationClass.SECURE:
-        bad = sorted({e.prim.name for e in graph.eqns
-                      if e.prim in PLAIN_AGGREGATIONS})
-        raise ClosureError(
-            f"policy {policy} allows only secure_sum for clients->server flows, but {graph.name} "
-            f"already aggregates with {', '.join(bad)}; no derivative can satisfy the policy")
-    return ops.secure_sum_p if aggregation_class(graph) is AggregationClass.SECURE else ops.sum_p
-
-
-# --------------------------------------------------------------------------- linearize
-
-def linear_vars(jg: Graph, tangent_inputs) -> set:
-    lin = set(tangent_inputs)
-    for e in jg.eqns:
-        if any(isinstance(a, Var) and a in lin for a in e.inputs):
-            lin.add(e.out)
-    return lin
-
-
-def transpose_rule_for(prim, mode="reverse"):
-    rule = transpose_rules.get(prim)
-    if rule is None:
-        raise DifferentiationError(
-            f"Transpose rule for primitive '{prim.name}' not implemented (needed by {mode} "
-            "mode): it is not linear in its tangent operands")
-    return rule
-
-
-def add_cotangents(a, b):
-    return b if a is None else ops.add(a, b)
-
-
-def backpropagate(eqns, lin: set, read_known, ct_env: dict, mode="reverse",
-                  ctx: TransposeContext = TransposeContext()) -> dict:
-    """Transpose the linear equations ``eqns`` (in forward order) given output cotangents.
-
-    ``ct_env`` maps linear vars to cotangent values and is updated in place; ``ctx`` is what
-    the transpose rules may need to know (which aggregation a transposed broadcast becomes)."""
-    for e in reversed(eqns):
-        ct = ct_env.pop(e.out, None)
-        if ct is None:
-            continue
-        args = [UndefinedPrimal(a.type) if isinstance(a, Var) and a in lin else read_known(a)
-                for a in e.inputs]
-        with source_scope(e.source):
-            cts = call_transpose(transpose_rule_for(e.prim, mode), ctx, ct, args, e.params)
-            for a, c in zip(e.inputs, cts, strict=True):
-                if isinstance(a, Var) and a in lin and c is not None and not is_zero(c):
-                    ct_env[a] = add_cotangents(ct_env.get(a), c)
-    return ct_env
-
+from ..ops import TransposeContext
+from .linearize import Linearized, linear_vars, linearize  # noqa: F401  (re-exported)
+from .options import Seed, State
+from .transpose import (Transposed, add_cotangents, aggregation_class,  # noqa: F401
+                        backpropagate, broadcast_transpose_for, transpose, transpose_rule_for)
 
 # --------------------------------------------------------------------------- the VJP graph
 
+
 def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_value: bool = False,
-              state: str = "stateful", policy=None, rewrite=None, name: str | None = None):
+              state: str = "stateful", policy=None, name: str | None = None) -> Graph:
     """The reverse-mode derivative graph of ``graph`` w.r.t. the inputs selected by ``mask``.
 
     ``seed``: ``"barrier"`` (grad; output cotangent ``after(1.0, out)``), ``"one"`` (grad with
     the constant seed 1.0, used by mixed modes) or ``"inputs"`` (vjp: output cotangents are extra
     inputs after the primals). Outputs: [primal outputs if ``with_value``] + one cotangent per
-    selected input. ``rewrite(jg, lin)`` may transform the linearized graph first (mixed modes).
+    selected input.
     """
     state = State.parse(state, "state must be 'stateful' or 'remat', got {value!r}")
-    seed = Seed.parse(seed, "seed must be 'barrier', 'one' or 'inputs', got {value!r}")
-    ncap = graph.num_captured
-    nuser = len(graph.inputs) - ncap
-    nout = len(graph.outputs)
     agg = broadcast_transpose_for(graph, policy)
+    return reverse_from(graph, linearize(graph, mask), agg, seed=seed, with_value=with_value,
+                        state=state, name=name)
 
-    jg = jvp_graph(graph, mask)
-    n_t = sum(mask)
-    tan_vars = jg.inputs[nuser:nuser + n_t]
-    if rewrite is not None:
-        jg = rewrite(jg, nuser, n_t, nout)
-        tan_vars = jg.inputs[nuser:nuser + n_t]
-    lin = linear_vars(jg, tan_vars)
 
-    b = Builder(name or f"vjp_{graph.name}")
+def reverse_from(graph: Graph, lz: Linearized, agg, *, seed, with_value: bool, state,
+                 name: str | None = None) -> Graph:
+    """Transpose ``lz``'s linear graph (transposed broadcasts aggregate with ``agg``), assemble
+    it with the known graph, and rewrite the result for ``state``."""
+    seed = Seed.parse(seed, "seed must be 'barrier', 'one' or 'inputs', got {value!r}")
+    tg = transpose(lz.linear, lz.num_residuals, TransposeContext(agg))
+    g = simplify(assemble(graph, lz, tg, seed=seed, with_value=with_value,
+                          name=name or f"vjp_{graph.name}"))
+    return simplify(remat(g)) if State(state) is State.REMAT else g
+
+
+def assemble(graph: Graph, lz: Linearized, tg: Transposed, *, seed: Seed, with_value: bool,
+             name: str) -> Graph:
+    """One graph: the known graph, the output cotangent seeds, then the transposed graph.
+
+    Inputs: ``graph``'s user inputs, [the output cotangents if ``seed`` is INPUTS], the
+    captured values. Outputs: [primal outputs if ``with_value``] + one cotangent per selected
+    input (zeros where the transposed graph has none)."""
+    nuser, nout = graph.num_user_inputs, lz.num_outputs
+    b = Builder(name)
     with b:
         prim_in = [b.new_input(v.type) for v in graph.inputs[:nuser]]
-        ct_in = ([b.new_input(graph.out_types[k]) for k in range(nout)]
-                 if seed is Seed.INPUTS else None)
+        ct_in = ([b.new_input(t) for t in graph.out_types] if seed is Seed.INPUTS else None)
         cap_in = [b.new_input(v.type) for v in graph.inputs[nuser:]]
-        env: dict = {}
-        for v, x in zip(jg.inputs[:nuser], prim_in):
-            env[v] = x
-        for v, x in zip(jg.inputs[nuser + n_t:], cap_in):
-            env[v] = x
+        known = inline(lz.known, prim_in + cap_in)
+        outs, residuals = known[:nout], known[nout:]
+        seeds = [ct_in[k] if seed is Seed.INPUTS else _seed(o, seed) for k, o in enumerate(outs)]
+        cts = iter(inline(tg.graph, residuals + seeds))
+        selected = [p for p, m in zip(prim_in, lz.mask) if m]
+        grads = [_placed_like(next(cts), x) if nz else ops.zeros_like(x)
+                 for x, nz in zip(selected, tg.nonzero, strict=True)]
+        out_atoms = [b.atom(r) for r in (outs if with_value else []) + grads]
+    return Graph(b.inputs, b.eqns, out_atoms, name=b.name, num_captured=graph.num_captured)
 
-        def read(a):
-            return a.value if isinstance(a, Literal) else env[a]
 
-        linear_eqns = []
-        for e in jg.eqns:
-            if e.out in lin:
-                linear_eqns.append(e)
-            else:
-                with source_scope(e.source):
-                    env[e.out] = bind(e.prim, *[read(a) for a in e.inputs], **e.params)
-        outs = [read(a) for a in jg.outputs[:nout]]
-        touts = jg.outputs[nout:]
-        ct_env: dict = {}
-        for k, (o, t) in enumerate(zip(outs, touts)):
-            if seed is Seed.INPUTS:
-                ct = ct_in[k]
-            else:
-                one = np.ones((), dtype=ops.tensor_type(o).dtype.np)
-                ct = ops.after(one, o) if seed is Seed.BARRIER else one
-            if isinstance(t, Var) and t in lin:
-                ct_env[t] = add_cotangents(ct_env.get(t), ct)
-        backpropagate(linear_eqns, lin, read, ct_env, ctx=TransposeContext(agg))
-        grads = []
-        for v, x in zip(tan_vars, [p for p, m in zip(prim_in, mask) if m]):
-            c = ct_env.get(v)
-            grads.append(ops.zeros_like(x) if c is None else _placed_like(c, x))
-        results = (outs if with_value else []) + grads
-        out_atoms = [b.atom(r) for r in results]
-    g = Graph(b.inputs, b.eqns, out_atoms, name=b.name, num_captured=ncap)
-    g = simplify(g)
-    if state is State.REMAT:
-        g = simplify(remat(g))
-    return g
+def _seed(out, seed: Seed):
+    """The output cotangent of a grad: 1.0, after the output is computed (BARRIER) or not."""
+    one = np.ones((), dtype=ops.tensor_type(out).dtype.np)
+    return ops.after(one, out) if seed is Seed.BARRIER else one
 
 
 def _placed_like(ct, x):
     """A constant cotangent (no equation produced it) placed and shaped like its primal."""
-    from ..core import Tracer
     if isinstance(ct, Tracer):
         return ct
     return ops.add(ops.zeros_like(x), np.asarray(ct, dtype=ops.tensor_type(x).dtype.np))
@@ -184,69 +106,87 @@ def remat(g: Graph) -> Graph:
 
     Resident client data (the graph's client inputs) is not state; re-sent values cost bytes
     down, recomputation costs client FLOPs."""
-    from ..ir.rounds import eqn_round, resident, stages
-    st = stages(g)
-    local_data = resident(g)
-    producer = {e.out: e for e in g.eqns}
-    client_inputs = {v for v in g.inputs if v.type.placement is CLIENTS}
-    rnd = {}
-    for e in g.eqns:
-        rnd[e.out] = eqn_round(e, st) if e.out.type.placement is CLIENTS else None
-        if e.out in local_data:
-            rnd[e.out] = None         # computed from the client's own data: not state
+    return _Remat(g).run()
 
-    # a server value available at the start of each round: the token re-sends wait for
-    token: dict[int, Var] = {}
-    for v in list(g.inputs) + [e.out for e in g.eqns]:
-        if v.type.placement is SERVER:
-            token.setdefault(st[v] + 1, v)
 
-    new_eqns: list[Eqn] = []
-    memo: dict = {}
+class _Remat:
+    """The remat rewrite of one graph (see :func:`remat`)."""
 
-    def emit(prim, inputs, type_, params, source):
+    def __init__(self, g: Graph):
+        self.g = g
+        self.st = stages(g)
+        self.producer = {e.out: e for e in g.eqns}
+        self.client_inputs = {v for v in g.inputs if v.type.placement is CLIENTS}
+        self.rnd = self._client_rounds()
+        self.token = self._round_tokens()
+        self.eqns: list[Eqn] = []
+        self.memo: dict = {}
+
+    def _client_rounds(self) -> dict:
+        """The round each client value is computed in; None for resident values (computed from
+        the client's own data alone: not state) and server values."""
+        local_data = resident(self.g)
+        rnd = {}
+        for e in self.g.eqns:
+            rnd[e.out] = eqn_round(e, self.st) if e.out.type.placement is CLIENTS else None
+            if e.out in local_data:
+                rnd[e.out] = None
+        return rnd
+
+    def _round_tokens(self) -> dict[int, Var]:
+        """A server value available at the start of each round: the token re-sends wait for."""
+        token: dict[int, Var] = {}
+        for v in list(self.g.inputs) + [e.out for e in self.g.eqns]:
+            if v.type.placement is SERVER:
+                token.setdefault(self.st[v] + 1, v)
+        return token
+
+    def emit(self, prim, inputs, type_, params, source) -> Var:
         out = Var(type_)
-        new_eqns.append(Eqn(prim, inputs, out, params, source))
+        self.eqns.append(Eqn(prim, inputs, out, params, source))
         return out
 
-    def clone(a, r):
+    def is_state(self, a, r: int) -> bool:
+        """Whether operand ``a`` of a round-``r`` equation is a client value kept from an
+        earlier round."""
+        return (isinstance(a, Var) and a.type.placement is CLIENTS and a not in self.client_inputs
+                and self.rnd[a] is not None and self.rnd[a] < r)
+
+    def clone(self, a, r: int):
         """A var holding ``a``'s value, computed in round ``r``."""
         if not isinstance(a, Var) or a.type.placement is not CLIENTS:
             return a
-        if a not in client_inputs and rnd[a] in (None, r):
+        if a not in self.client_inputs and self.rnd[a] in (None, r):
             return a
         key = (a, r)
-        if key in memo:
-            return memo[key]
-        if a in client_inputs:
-            out = emit(ops.after_p, (a, token[r]), a.type, {}, None)
-        else:
-            e = producer[a]
-            if e.prim is ops.broadcast_p:
-                src = e.inputs[0]
-                # pinned to round r even when it is a literal: an unpinned re-broadcast is the
-                # original one, which CSE would merge back (client state again)
-                late = emit(ops.after_p, (src, token[r]), ops.atom_type(src), {}, e.source)
-                out = emit(ops.broadcast_p, (late,), e.out.type, e.params, e.source)
-            elif e.prim is ops.after_p:
-                out = clone(e.inputs[0], r)
-            else:
-                ins = tuple(clone(x, r) for x in e.inputs)
-                out = emit(e.prim, ins, e.out.type, e.params, e.source)
-        memo[key] = out
-        return out
+        if key not in self.memo:
+            self.memo[key] = self._recompute(a, r)
+        return self.memo[key]
 
-    for e in g.eqns:
-        r = eqn_round(e, st)
-        if r >= 1 and (e.out.type.placement is CLIENTS or e.prim in ops.AGGREGATIONS):
-            ins = tuple(
-                clone(a, r) if (isinstance(a, Var) and a.type.placement is CLIENTS
-                                and a not in client_inputs and rnd[a] is not None
-                                and rnd[a] < r) else a
-                for a in e.inputs)
-            if e.prim is ops.after_p:
-                ins = (ins[0], e.inputs[1])
-            new_eqns.append(e if ins == e.inputs else Eqn(e.prim, ins, e.out, e.params, e.source))
-        else:
-            new_eqns.append(e)
-    return g.replace(eqns=new_eqns)
+    def _recompute(self, a: Var, r: int) -> Var:
+        if a in self.client_inputs:
+            return self.emit(ops.after_p, (a, self.token[r]), a.type, {}, None)
+        e = self.producer[a]
+        if e.prim is ops.broadcast_p:
+            src = e.inputs[0]
+            # pinned to round r even when it is a literal: an unpinned re-broadcast is the
+            # original one, which CSE would merge back (client state again)
+            late = self.emit(ops.after_p, (src, self.token[r]), ops.atom_type(src), {}, e.source)
+            return self.emit(ops.broadcast_p, (late,), e.out.type, e.params, e.source)
+        if e.prim is ops.after_p:
+            return self.clone(e.inputs[0], r)
+        ins = tuple(self.clone(x, r) for x in e.inputs)
+        return self.emit(e.prim, ins, e.out.type, e.params, e.source)
+
+    def run(self) -> Graph:
+        for e in self.g.eqns:
+            r = eqn_round(e, self.st)
+            if r >= 1 and (e.out.type.placement is CLIENTS or e.prim.is_aggregation):
+                ins = tuple(self.clone(a, r) if self.is_state(a, r) else a for a in e.inputs)
+                if e.prim is ops.after_p:
+                    ins = (ins[0], e.inputs[1])
+                self.eqns.append(e if ins == e.inputs
+                                 else Eqn(e.prim, ins, e.out, e.params, e.source))
+            else:
+                self.eqns.append(e)
+        return self.g.replace(eqns=self.eqns)
