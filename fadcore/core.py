@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import FadError, PlacementError, ShapeError, TracingError
+from .ir.checks import checked
 from .ir.graph import Eqn, Graph, Literal, Var
 from .ir.primitives import Comm, Primitive, check_placements, infer_type, primitives, set_bind
 from .ir.types import CLIENTS, SERVER, FederatedType, TensorType
@@ -288,7 +289,7 @@ def trace_to_graph(fun: Callable, in_types: list[FederatedType], in_tree, name: 
     captured = list(builder.captured.values())
     graph = Graph(builder.inputs + [v for _, v in captured], builder.eqns, outputs,
                   in_tree=in_tree, out_tree=out_tree, name=name, num_captured=len(captured))
-    return graph, [t for t, _ in captured]
+    return checked("trace", graph), [t for t, _ in captured]
 
 
 def inline(graph: Graph, args: list) -> list:

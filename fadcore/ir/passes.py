@@ -8,6 +8,7 @@ the round a value becomes available), so it is kept like any other operand.
 
 from __future__ import annotations
 
+from .checks import checked
 from .graph import Eqn, Graph, Literal, Var
 
 
@@ -76,9 +77,9 @@ def canonical_rows(g: Graph) -> Graph:
 
 def simplify(g: Graph) -> Graph:
     """CSE then DCE, until nothing changes."""
-    g = canonical_rows(g)
+    g = checked("canonical_rows", canonical_rows(g))
     while True:
         n = len(g.eqns)
-        g = dce(cse(g))
+        g = checked("dce", dce(checked("cse", cse(g))))
         if len(g.eqns) == n:
             return g

@@ -63,18 +63,39 @@ class Namer:
         return n
 
 
+def pp_eqn(e, name: Namer) -> str:
+    """One equation: ``d:{f64[?]}@CLIENTS = matvec b c``."""
+    params = ""
+    if e.params:
+        params = "[" + ", ".join(f"{k_}={pp_param(v)}" for k_, v in e.params.items()) + "]"
+    args = " ".join(name(a) for a in e.inputs)
+    return f"{name(e.out)}:{e.out.type} = {e.prim.name}{params}{' ' + args if args else ''}"
+
+
+def pp_context(g: Graph, k: int, around: int = 3) -> str:
+    """Equation ``k`` of ``g`` marked ``>>``, with up to ``around`` equations on each side
+    (names as :func:`pp_graph` gives them)."""
+    name = Namer()
+    for v in g.inputs:
+        name(v)
+    lines = []
+    for j, e in enumerate(g.eqns[:k + around + 1]):
+        try:
+            text = pp_eqn(e, name)
+        except Exception:           # a malformed equation: say what it is
+            text = repr(e)
+        if j >= k - around:
+            lines.append(f"  {'>>' if j == k else '  '} {j:4d}  {text}")
+    return "\n".join(lines)
+
+
 def pp_graph(g: Graph) -> str:
     name = Namer()
     ins = " ".join(f"{name(v)}:{v.type}" for v in g.inputs)
     lines = [f"{{ lambda {ins} ."]
     for k, e in enumerate(g.eqns):
-        params = ""
-        if e.params:
-            params = "[" + ", ".join(f"{k_}={pp_param(v)}" for k_, v in e.params.items()) + "]"
-        args = " ".join(name(a) for a in e.inputs)
-        lhs = f"{name(e.out)}:{e.out.type}"
         prefix = "  let " if k == 0 else "      "
-        lines.append(f"{prefix}{lhs} = {e.prim.name}{params}{' ' + args if args else ''}")
+        lines.append(prefix + pp_eqn(e, name))
     outs = ", ".join(name(a) for a in g.outputs)
     lines.append(f"  in ( {outs} ) }}")
     return "\n".join(lines)

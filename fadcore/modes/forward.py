@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core import Builder, jvp_rules, source_scope, bind
 from ..errors import DifferentiationError
+from ..ir.checks import checked
 from ..ir.graph import Graph, Literal, Var
 from ..ir.passes import simplify
 from ..ops import Zero, instantiate, is_zero
@@ -89,7 +90,7 @@ def jvp_graph(graph: Graph, mask: list[bool], ndirs: int = 1, *, instantiate_zer
         out_atoms = [b.atom(x) for x in outs] + [b.atom(x) for ts in touts for x in ts]
     inputs = b.inputs
     g = Graph(inputs, b.eqns, out_atoms, name=b.name, num_captured=ncap)
-    return simplify(g)
+    return simplify(checked("jvp", g))
 
 
 def strong_zero_tangents(graph: Graph, tangent_inputs) -> Graph:
@@ -130,4 +131,4 @@ def strong_zero_tangents(graph: Graph, tangent_inputs) -> Graph:
         outs = [b.atom(read(a)) for a in graph.outputs]
     g = Graph(b.inputs, b.eqns, outs, in_tree=graph.in_tree, out_tree=graph.out_tree,
               name=graph.name, meta=dict(graph.meta), num_captured=graph.num_captured)
-    return simplify(g)
+    return simplify(checked("strong_zero_tangents", g))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..ir.checks import checked
 from ..ir.graph import Graph, Var
 from .forward import jvp_graph
 
@@ -70,7 +71,9 @@ def linearize(graph: Graph, mask: list[bool]) -> Linearized:
                   num_captured=graph.num_captured)
     linear = Graph(residuals + tangent_in, linear_eqns, jg.outputs[nout:],
                    name=f"linear_{graph.name}")
-    return Linearized(known, linear, nout, len(residuals), tuple(mask))
+    return Linearized(checked("linearize (known graph)", known),
+                      checked("linearize (linear graph)", linear), nout, len(residuals),
+                      tuple(mask))
 
 
 def _residuals(linear_eqns, tangent_outputs, lin: set) -> list[Var]:

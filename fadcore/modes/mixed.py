@@ -30,6 +30,7 @@ import numpy as np
 from .. import ops
 from ..core import Builder, bind, source_scope
 from ..errors import DifferentiationError
+from ..ir.checks import checked
 from ..ir.graph import Graph, Literal, Var
 from ..ir.passes import simplify
 from ..ir.types import CLIENTS
@@ -130,7 +131,8 @@ def pushforward_rewrite(linear: Graph, lin: set, chosen: list[Boundary]) -> Grap
                 env[e.out] = (_pushforward(bd, lin, read) if bd is not None
                               else bind(e.prim, *[read(a) for a in e.inputs], **e.params))
         outs = [b.atom(read(a)) for a in linear.outputs]
-    return simplify(linear.replace(inputs=b.inputs, eqns=b.eqns, outputs=outs))
+    return simplify(checked("pushforward",
+                            linear.replace(inputs=b.inputs, eqns=b.eqns, outputs=outs)))
 
 
 def _pushforward(bd: Boundary, lin: set, read):

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import ops
 from ..core import Builder, Tracer, inline
+from ..ir.checks import checked
 from ..ir.graph import Eqn, Graph, Var
 from ..ir.passes import simplify
 from ..ir.rounds import eqn_round, resident, stages
@@ -82,7 +83,8 @@ def assemble(graph: Graph, lz: Linearized, tg: Transposed, *, seed: Seed, with_v
         grads = [_placed_like(next(cts), x) if nz else ops.zeros_like(x)
                  for x, nz in zip(selected, tg.nonzero, strict=True)]
         out_atoms = [b.atom(r) for r in (outs if with_value else []) + grads]
-    return Graph(b.inputs, b.eqns, out_atoms, name=b.name, num_captured=graph.num_captured)
+    return checked("assemble", Graph(b.inputs, b.eqns, out_atoms, name=b.name,
+                                     num_captured=graph.num_captured))
 
 
 def _seed(out, seed: Seed):
@@ -106,7 +108,7 @@ def remat(g: Graph) -> Graph:
 
     Resident client data (the graph's client inputs) is not state; re-sent values cost bytes
     down, recomputation costs client FLOPs."""
-    return _Remat(g).run()
+    return checked("remat", _Remat(g).run())
 
 
 class _Remat:

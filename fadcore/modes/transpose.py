@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .. import ops
 from ..core import Builder, bind, source_scope, transpose_rules
 from ..errors import ClosureError, DifferentiationError
+from ..ir.checks import checked
 from ..ir.graph import Graph, Literal, Var, atom_type
 from ..ir.primitives import PLAIN_AGGREGATIONS, Primitive
 from ..ops import TransposeContext, UndefinedPrimal, call_transpose, is_zero
@@ -119,5 +120,5 @@ def transpose(linear: Graph, num_residuals: int, ctx: TransposeContext = Transpo
         backpropagate([e for e in linear.eqns if e.out in lin], lin, read, ct_env, mode, ctx)
         cts = [ct_env.get(v) for v in tangent_in]
         outs = [b.atom(c) for c in cts if c is not None]
-    g = Graph(b.inputs, b.eqns, outs, name=b.name)
+    g = checked("transpose", Graph(b.inputs, b.eqns, outs, name=b.name))
     return Transposed(g, tuple(c is not None for c in cts))
