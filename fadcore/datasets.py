@@ -373,6 +373,29 @@ def _client_sizes(
 # --------------------------------------------------------------------------- #
 # Generators
 # --------------------------------------------------------------------------- #
+def _synthetic_models(rng, iid, alpha, beta, num_clients, dim, num_classes):
+    """The generating quantities ``u, B, W, b, v`` of Synthetic(alpha, beta) (shared model
+    and zero feature means when ``iid``), drawn from ``rng`` in a fixed order."""
+    if iid:
+        u = np.zeros(num_clients)
+        B = np.zeros(num_clients)
+        W_shared = rng.normal(0.0, 1.0, size=(dim, num_classes))
+        b_shared = rng.normal(0.0, 1.0, size=num_classes)
+        W = np.broadcast_to(W_shared, (num_clients, dim, num_classes)).copy()
+        b = np.broadcast_to(b_shared, (num_clients, num_classes)).copy()
+        v = np.zeros((num_clients, dim))
+        return u, B, W, b, v
+    u = rng.normal(0.0, alpha, size=num_clients)
+    B = rng.normal(0.0, beta, size=num_clients)
+    v = rng.normal(B[:, None], 1.0, size=(num_clients, dim))
+    W = np.empty((num_clients, dim, num_classes))
+    b = np.empty((num_clients, num_classes))
+    for k in range(num_clients):
+        W[k] = rng.normal(u[k], 1.0, size=(dim, num_classes))
+        b[k] = rng.normal(u[k], 1.0, size=num_classes)
+    return u, B, W, b, v
+
+
 def synthetic(
     alpha: float = 1.0,
     beta: float = 1.0,
@@ -419,24 +442,7 @@ def synthetic(
     )
     std_x = np.arange(1, dim + 1, dtype=np.float64) ** (-1.2 / 2.0)  # sqrt(Sigma_jj)
 
-    if iid:
-        u = np.zeros(num_clients)
-        B = np.zeros(num_clients)
-        W_shared = rng.normal(0.0, 1.0, size=(dim, num_classes))
-        b_shared = rng.normal(0.0, 1.0, size=num_classes)
-        W = np.broadcast_to(W_shared, (num_clients, dim, num_classes)).copy()
-        b = np.broadcast_to(b_shared, (num_clients, num_classes)).copy()
-        v = np.zeros((num_clients, dim))
-    else:
-        u = rng.normal(0.0, alpha, size=num_clients)
-        B = rng.normal(0.0, beta, size=num_clients)
-        v = rng.normal(B[:, None], 1.0, size=(num_clients, dim))
-        W = np.empty((num_clients, dim, num_classes))
-        b = np.empty((num_clients, num_classes))
-        for k in range(num_clients):
-            W[k] = rng.normal(u[k], 1.0, size=(dim, num_classes))
-            b[k] = rng.normal(u[k], 1.0, size=num_classes)
-
+    u, B, W, b, v = _synthetic_models(rng, iid, alpha, beta, num_clients, dim, num_classes)
     X_all, y_all = [], []
     for k in range(num_clients):
         xk = v[k] + rng.standard_normal((int(sizes[k]), dim)) * std_x

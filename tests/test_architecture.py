@@ -162,3 +162,41 @@ def test_derivatives_with_checks_on(monkeypatch):
     fd = (fad.run(ex.fedavg_round.graph(*args), eta + eps, *rest)
           - fad.run(ex.fedavg_round.graph(*args), eta - eps, *rest)) / (2 * eps)
     np.testing.assert_allclose(np.asarray(want[0]), fd, rtol=1e-5, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- docs/extending.md
+
+def test_docs_extending_runs_and_prints_what_it_shows():
+    """docs/extending.md adds primitives: its ```python blocks run in order in a fresh
+    interpreter (the registry of this process stays as it is), and each ```text block right
+    after one is exactly what that block prints."""
+    import json
+    import re
+    import subprocess
+    import sys
+    page = os.path.join(os.path.dirname(PKG), "docs", "extending.md")
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", open(page, encoding="utf-8").read(),
+                        re.M | re.S)
+    script = (
+        "import contextlib, io, json, sys\n"
+        f"blocks = json.loads({json.dumps(json.dumps(blocks))})\n"
+        "ns, outs = {'__name__': 'docs_example'}, []\n"
+        "for lang, src in blocks:\n"
+        "    buf = io.StringIO()\n"
+        "    if lang == 'python':\n"
+        "        with contextlib.redirect_stdout(buf):\n"
+        "            exec(compile(src, 'extending.md', 'exec'), ns)\n"
+        "    outs.append(buf.getvalue())\n"
+        "print(json.dumps(outs))\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    outs = json.loads(res.stdout.strip().splitlines()[-1])
+    shown = 0
+    for k, (lang, _) in enumerate(blocks):
+        if lang == "python" and k + 1 < len(blocks) and blocks[k + 1][0] == "text":
+            want = [s.rstrip() for s in blocks[k + 1][1].strip("\n").splitlines()]
+            assert [s.rstrip() for s in outs[k].strip("\n").splitlines()] == want, \
+                f"block {k} printed:\n{outs[k]}"
+            shown += 1
+    assert shown >= 5

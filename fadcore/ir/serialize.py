@@ -633,7 +633,9 @@ def _build(doc: Any) -> Graph:
     try:
         verify(graph)
     except VerificationError as err:
-        raise SerializationError(f"the graph does not type-check: {err}") from None
+        # the first line names the equation and its source (the rest is printed context)
+        raise SerializationError(
+            f"the graph does not type-check: {str(err).splitlines()[0]}") from None
     return graph
 
 

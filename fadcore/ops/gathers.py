@@ -10,7 +10,26 @@ from ..ir.local_primitives import (one_hot_p, take_along_axis_p, take_p, untake_
                                    untake_p)
 from .rules import deflinear
 
-# --------------------------------------------------------------------------- take
+# --------------------------------------------------------------------------- gathers and scatter-adds
+
+
+def _defgather(gather_p, scatter_p, gather_impl, scatter_impl):
+    """Register a gather ``gather(x, idx, axis)`` (linear in ``x``; the indices are data) and
+    its transpose, the scatter-add ``scatter(ct, idx, axis, dim)`` into ``dim`` rows; returns
+    the two op functions."""
+    impl_rules[gather_p] = gather_impl
+    impl_rules[scatter_p] = scatter_impl
+
+    def gather(x, idx, axis):
+        return bind(gather_p, x, idx, axis=axis)
+
+    def scatter(ct, idx, axis, dim):
+        return bind(scatter_p, ct, idx, axis=axis, dim=dim)
+
+    deflinear(gather_p, lambda ct, x, idx, *, axis: [
+        scatter(ct, idx, axis, x.type.shape[axis]), None])
+    deflinear(scatter_p, lambda ct, c, idx, *, axis, dim: [gather(ct, idx, axis), None])
+    return gather, scatter
 
 
 def _untake_impl(ct, idx, *, axis, dim):
@@ -23,24 +42,6 @@ def _untake_impl(ct, idx, *, axis, dim):
     np.add.at(moved, np.ravel(idx), np.moveaxis(ctm, axis, 0))
     return out
 
-
-impl_rules[take_p] = lambda x, idx, *, axis: np.take(x, idx, axis=axis)
-impl_rules[untake_p] = _untake_impl
-
-
-def take(x, idx, axis):
-    return bind(take_p, x, idx, axis=axis)
-
-
-def untake(ct, idx, axis, dim):
-    return bind(untake_p, ct, idx, axis=axis, dim=dim)
-
-
-deflinear(take_p, lambda ct, x, idx, *, axis: [untake(ct, idx, axis, x.type.shape[axis]), None])
-deflinear(untake_p, lambda ct, c, idx, *, axis, dim: [take(ct, idx, axis), None])
-
-
-# --------------------------------------------------------------------------- take_along_axis
 
 def _untala_impl(ct, idx, *, axis, dim):
     ct = np.asarray(ct)
@@ -55,22 +56,11 @@ def _untala_impl(ct, idx, *, axis, dim):
     return out
 
 
-impl_rules[take_along_axis_p] = lambda x, idx, *, axis: np.take_along_axis(x, idx, axis=axis)
-impl_rules[untake_along_axis_p] = _untala_impl
-
-
-def take_along_axis(x, idx, axis):
-    return bind(take_along_axis_p, x, idx, axis=axis)
-
-
-def untake_along_axis(ct, idx, axis, dim):
-    return bind(untake_along_axis_p, ct, idx, axis=axis, dim=dim)
-
-
-deflinear(take_along_axis_p, lambda ct, x, idx, *, axis: [
-    untake_along_axis(ct, idx, axis, x.type.shape[axis]), None])
-deflinear(untake_along_axis_p, lambda ct, c, idx, *, axis, dim: [
-    take_along_axis(ct, idx, axis), None])
+take, untake = _defgather(take_p, untake_p,
+                          lambda x, idx, *, axis: np.take(x, idx, axis=axis), _untake_impl)
+take_along_axis, untake_along_axis = _defgather(
+    take_along_axis_p, untake_along_axis_p,
+    lambda x, idx, *, axis: np.take_along_axis(x, idx, axis=axis), _untala_impl)
 
 
 # --------------------------------------------------------------------------- one_hot
