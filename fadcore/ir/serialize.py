@@ -633,10 +633,14 @@ def _build(doc: Any) -> Graph:
     try:
         verify(graph)
     except VerificationError as err:
-        # the first line names the equation and its source (the rest is printed context)
-        raise SerializationError(
-            f"the graph does not type-check: {str(err).splitlines()[0]}") from None
+        raise SerializationError("the graph does not type-check: " + _headline(err)) from None
     return graph
+
+
+def _headline(err: Exception) -> str:
+    """The first line of a verifier message: the equation and its source (the rest of the
+    message prints the graph around it)."""
+    return str(err).splitlines()[0]
 
 
 def _dec_tree(obj: Any, where: str):
