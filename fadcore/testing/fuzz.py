@@ -330,7 +330,7 @@ def _make_args(graph, seed: int):
         return rng.normal(size=shape).astype(dt)
 
     leaves = []
-    for t in graph.in_types[:len(graph.inputs) - graph.meta.get("num_captured", 0)]:
+    for t in graph.in_types[:graph.num_user_inputs]:
         if t.placement is CLIENTS:
             if t.all_equal:
                 x = leaf(t.tensor, 0)
