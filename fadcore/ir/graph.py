@@ -84,6 +84,30 @@ class FrozenList(list):
         return (FrozenList, (list(self),))
 
 
+class GraphMeta(dict):
+    """A graph's annotations. ``num_captured`` is not one of them any more: it is the field
+    ``Graph.num_captured``, and asking ``meta`` for it is an error rather than a silent 0."""
+
+    __slots__ = ()
+
+    def _moved(self):
+        raise KeyError("num_captured is the field Graph.num_captured (graph.num_user_inputs "
+                       "counts the others), not a meta key")
+
+    def get(self, key, default=None):
+        if key == "num_captured":
+            self._moved()
+        return dict.get(self, key, default)
+
+    def __getitem__(self, key):
+        if key == "num_captured":
+            self._moved()
+        return dict.__getitem__(self, key)
+
+    def __reduce__(self):
+        return (GraphMeta, (dict(self),))
+
+
 class Graph:
     """A traced federated computation. ``str(graph)`` is its text form.
 
@@ -107,8 +131,8 @@ class Graph:
             pytree.LEAF if len(self.outputs) == 1 else
             ("tuple", tuple(pytree.LEAF for _ in self.outputs))))
         init(self, "name", name)
-        meta = dict(meta or {})
-        if "num_captured" in meta:
+        meta = GraphMeta(meta or {})
+        if dict.__contains__(meta, "num_captured"):
             raise ValueError("Graph: num_captured is a field, not a meta key")
         init(self, "meta", meta)         # annotations (mode, boundaries...): not computed on
         init(self, "num_captured", int(num_captured))
