@@ -221,7 +221,8 @@ def _export(args) -> int:
                              f"{mod.__name__}")
         client_data = f"{mod.__name__}:client_data_{fname}"
     try:
-        pdir = export_app(fn, tuple(make()), args.out, client_data, spec=args.function)
+        pdir = export_app(fad.trace(fn), tuple(make()), args.out, client_data,
+                          spec=args.function)
     except fad.FadError as e:
         raise SystemExit(f"fad export: {e}") from None
     print(f"wrote a Flower app to {args.out} ({pdir}); see {args.out}/README.md")

@@ -63,9 +63,9 @@ def imports_of(path: str) -> set[str]:
 
 
 def _unit(mod: str) -> str:
-    """A module's folder: its subpackage (fadcore.ir, ...), or the module itself at the top."""
-    parts = mod.split(".")
-    return ".".join(parts[:2])
+    """A module's folder: the subpackage of fadcore holding it (fadcore.ir, fadcore.backends
+    with its own subpackages, ...), or the module itself at the top of fadcore."""
+    return ".".join(mod.split(".")[:2])
 
 
 def test_ir_imports_nothing_above_it():

@@ -156,15 +156,14 @@ output as `out<k>.client<i>`) and logs the bytes each round moved.
 
 def export_app(fn, args: tuple, out: str, client_data: str, name: str | None = None,
                spec: str = "") -> str:
-    """Write the Flower app running ``fn`` (traced at ``args``) into directory ``out``;
-    returns the app's package directory. ``args`` give the SERVER arguments' values and the
-    client arguments' types (their values stay behind: the nodes load their own)."""
-    from ...tracing import as_traced
+    """Write the Flower app running the traced function ``fn`` (``fad.trace``: backends import
+    nothing from the tracing layer above them) at ``args`` into directory ``out``; returns the
+    app's package directory. ``args`` give the SERVER arguments' values and the client
+    arguments' types (their values stay behind: the nodes load their own)."""
     if ":" not in client_data:
         raise FadError(f"fad export flower: --client-data must be 'module:function', got "
                        f"{client_data!r}")
-    traced = as_traced(fn)
-    graph = traced.graph(*args)
+    graph = fn.graph(*args)
     leaves, _ = pytree.flatten(tuple(args))
     name = name or graph.name
     app = re.sub(r"[^0-9a-zA-Z]+", "-", name).strip("-").lower() + "-app"
