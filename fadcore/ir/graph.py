@@ -145,9 +145,13 @@ class Graph:
     __delattr__ = __setattr__
 
     def __reduce__(self):
-        # pickled by its fields (the backend caches are not carried over)
+        # pickled by its fields, with the backend caches (a worker need not lower it again)
         return (_graph, (list(self.inputs), list(self.eqns), list(self.outputs), self.in_tree,
-                         self.out_tree, self.name, self.meta, self.num_captured))
+                         self.out_tree, self.name, dict(self.meta), self.num_captured),
+                self._lowered)
+
+    def __setstate__(self, lowered: dict) -> None:
+        self._lowered.update(lowered)
 
     @property
     def num_user_inputs(self) -> int:
