@@ -258,9 +258,7 @@ def _auto_grad_graph(g, mask, tree, nums, with_value, policy, weights, name) -> 
             fgr, rgr = iter(fo[nv:]), iter(ro[nv:])
             grads = [next(fgr) if fmask[k] else next(rgr) for k in range(len(mask)) if mask[k]]
             atoms = [b.atom(x) for x in fo[:nv] + grads]
-        ncap = g.meta.get("num_captured", 0)
-        return simplify(Graph(b.inputs, b.eqns, atoms, name=name,
-                              meta={"num_captured": ncap} if ncap else {}))
+        return simplify(Graph(b.inputs, b.eqns, atoms, name=name, num_captured=g.num_captured))
 
     return auto.auto_grad_graph(g, mask, arg_leaves, weights=w, with_value=with_value,
                                 policy=policy, name=name, forward_graph=forward_graph,
