@@ -131,9 +131,24 @@ def value_and_grad(f, argnums=0, mode: str = "reverse", state: str = "stateful",
     return _grad_impl(f, argnums, mode, state, policy, weights, boundaries, True, has_aux)
 
 
-def _grad_impl(f, argnums, mode, state, policy, weights, boundaries, with_value, has_aux):
+def check_options(mode, state, policy) -> None:
+    """Typed errors, with the caller's line, for option values no pass takes."""
+    from .core import at_source, user_source
+    from .errors import OptionError
+    from .policy import Policy
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise OptionError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
+                          f"{at_source(user_source())}")
+    if state not in ("stateful", "remat"):
+        raise OptionError(f"state must be 'stateful' or 'remat', got {state!r}"
+                          f"{at_source(user_source())}")
+    if policy is not None and not isinstance(policy, Policy):
+        raise OptionError(f"policy must be a fad.Policy (e.g. fad.Policy(aggregation="
+                          f"'secure_sum')) or None, got {policy!r:.60}{at_source(user_source())}")
+
+
+def _grad_impl(f, argnums, mode, state, policy, weights, boundaries, with_value, has_aux):
+    check_options(mode, state, policy)
     bkey = tuple(sorted(boundaries.items())) if isinstance(boundaries, dict) else boundaries
     key = ("grad", argnums, mode, state, policy, weights, bkey, with_value, has_aux)
     return cached_transform(f, key, lambda: _make_grad(f, argnums, mode, state, policy, weights,
@@ -438,8 +453,7 @@ def vjp(f, *primals, argnums=None, has_aux: bool = False, mode: str = "reverse",
     ``f`` returns ``(out, aux)`` and ``vjp`` returns ``(out, vjp_fn, aux)``. ``num_clients=``
     binds the cohort size of a function with no client-placed argument.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_options(mode, state, policy)
     base = as_traced(f)
     out = base(*primals, num_clients=num_clients)
     key = ("vjp", argnums, has_aux, mode, state, policy)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
 import types as pytypes
 import warnings
 from typing import Callable
@@ -11,7 +13,7 @@ import numpy as np
 
 from . import pytree
 from .core import Tracer, current_builder, inline, trace_to_graph
-from .errors import DTypeError, TracingError
+from .errors import DTypeError, FadError, TracingError
 from .ir.graph import Graph
 from .ir.types import CLIENTS, SERVER, FederatedType, TensorType, dtype_of
 from .values import ClientValues
@@ -124,6 +126,32 @@ class TracedFunction:
         return f"<fad traced function {self.__name__}>"
 
 
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_HAS_LINE = re.compile(r" at \S+:\d+ \(")
+
+
+def _user_frame(tb) -> str | None:
+    """``file:line (function)`` of the innermost traceback frame outside fadcore and NumPy."""
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        fn = code.co_filename
+        if not (fn.startswith(_PKG_DIR) or "numpy" + os.sep in fn or fn.startswith("<frozen")):
+            found = f"{os.path.basename(fn)}:{tb.tb_lineno} ({code.co_name})"
+        tb = tb.tb_next
+    return found
+
+
+def add_user_line(e: FadError) -> None:
+    """Append the user's source line to a FadError raised while tracing, if it has none: the
+    innermost frame of the user's own code in the traceback, whatever raised it."""
+    if not e.args or not isinstance(e.args[0], str) or _HAS_LINE.search(e.args[0]):
+        return
+    src = _user_frame(e.__traceback__)
+    if src:
+        e.args = (f"{e.args[0]} at {src}",) + e.args[1:]
+
+
 def trace(fun: Callable | None = None, *, name: str | None = None):
     """Decorator: trace ``fun`` into a placement-typed federated graph."""
     if fun is None:
@@ -133,7 +161,11 @@ def trace(fun: Callable | None = None, *, name: str | None = None):
     fname = name or getattr(fun, "__name__", "f")
 
     def make_graph(tree, types):
-        return trace_to_graph(fun, types, tree, fname)
+        try:
+            return trace_to_graph(fun, types, tree, fname)
+        except FadError as e:
+            add_user_line(e)
+            raise
 
     tf = TracedFunction(make_graph, fname, getattr(fun, "__doc__", None), fun)
     functools.update_wrapper(tf, fun, updated=())

@@ -115,7 +115,8 @@ def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_val
     selected input. ``rewrite(jg, lin)`` may transform the linearized graph first (mixed modes).
     """
     if state not in ("stateful", "remat"):
-        raise ValueError(f"state must be 'stateful' or 'remat', got {state!r}")
+        from ..errors import OptionError
+        raise OptionError(f"state must be 'stateful' or 'remat', got {state!r}")
     ncap = graph.meta.get("num_captured", 0)
     nuser = len(graph.inputs) - ncap
     nout = len(graph.outputs)
