@@ -6,6 +6,12 @@ communication boundaries in forward, reverse or mixed mode, and run the result f
 
 from __future__ import annotations
 
+import logging as _logging
+
+# fadcore logs (tracing, backends) to the "fadcore" logger and prints nothing: see them with
+# logging.basicConfig(level=logging.DEBUG), or logging.getLogger("fadcore").setLevel(...)
+_logging.getLogger("fadcore").addHandler(_logging.NullHandler())
+
 from . import ops as _ops  # noqa: F401  (defines the primitives)
 from . import numpy, nn, pytree  # noqa: F401
 from .backends import run, set_default_backend, default_backend

@@ -204,7 +204,10 @@ def _make_grad(f, argnums, mode, state, policy, weights, boundaries, with_value,
         _check_policy(dg, policy)
         return dg, captured
 
-    return TracedFunction(make_graph, f"{what}({fname})")
+    out = TracedFunction(make_graph, f"{what}({fname})")
+    out.recipe = (_grad_impl, (f, argnums, mode, state, policy, weights, boundaries, with_value,
+                               has_aux), {})
+    return out
 
 
 # --------------------------------------------------------------------------- auxiliary outputs
@@ -421,7 +424,9 @@ def _jvp_function(f) -> TracedFunction:
         jg.meta.update(mode="forward")
         return jg, captured
 
-    return TracedFunction(make_graph, f"jvp({fname})")
+    out = TracedFunction(make_graph, f"jvp({fname})")
+    out.recipe = (_jvp_function, (f,), {})
+    return out
 
 
 class VJPFunction:
@@ -512,7 +517,9 @@ def _vjp_function(base: TracedFunction, mode, state, policy, argnums=None,
             dg.meta["policy"] = "secure_sum"     # fad.run's secure aggregation is on by default
         return dg, captured
 
-    return TracedFunction(make_graph, f"vjp({fname})")
+    out = TracedFunction(make_graph, f"vjp({fname})")
+    out.recipe = (_vjp_function, (base, mode, state, policy, argnums, has_aux), {})
+    return out
 
 
 def _retree(tree, leaf_defs):
@@ -625,7 +632,9 @@ def _make_jacobian(f, argnums, has_aux, what, opts) -> TracedFunction:
         jg.meta.update(mode="forward" if what == "jacfwd" else opts["mode"])
         return jg, captured
 
-    return TracedFunction(make_graph, f"{what}({fname})")
+    out = TracedFunction(make_graph, f"{what}({fname})")
+    out.recipe = (_make_jacobian, (f, argnums, has_aux, what, opts), {})
+    return out
 
 
 def _one_hot(t, j: int) -> np.ndarray:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
+import sys
 import types as pytypes
 import warnings
 from typing import Callable
@@ -27,6 +29,8 @@ RETRACE_WARN_AFTER = 5
 
 class RetraceWarning(UserWarning):
     """A traced function keeps being re-traced for new abstract signatures."""
+
+log = logging.getLogger("fadcore.tracing")
 
 
 def abstractify(x) -> FederatedType:
@@ -70,6 +74,8 @@ class TracedFunction:
         self._cache: dict = {}
         self._signatures: list = []        # every signature traced (for the retrace warning)
         self._warned = False
+        #: ``(factory, args, kwargs)`` that makes this function again: how it pickles
+        self.recipe: tuple | None = None
 
     def _graph_for(self, tree, types) -> tuple[Graph, list]:
         types = tuple(types)
@@ -78,6 +84,8 @@ class TracedFunction:
         if hit is not None:
             return hit, []
         graph, captured = self._make_graph(tree, list(types))
+        log.debug("traced %s at (%s): %d equations", self.__name__,
+                  ", ".join(map(str, types)), len(graph.eqns))
         if not captured:
             self._cache[key] = graph
             if self.fun is not None:
@@ -125,6 +133,30 @@ class TracedFunction:
     def __repr__(self) -> str:
         return f"<fad traced function {self.__name__}>"
 
+    def __reduce__(self):
+        """Pickled as what made it, never as graphs: a module-level ``@fad.trace`` function by
+        reference; ``fad.trace(f)``, ``fad.grad(f, ...)``, ``fad.jvp(f)``... as that call on
+        ``f`` (which must pickle itself: a module-level function or a bound method). The
+        unpickled function traces again on first use."""
+        mod = sys.modules.get(self.__dict__.get("__module__") or "")
+        qualname = self.__dict__.get("__qualname__")
+        if mod is not None and qualname and "<locals>" not in qualname:
+            obj = mod
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
+            if obj is self:
+                return qualname
+        if self.recipe is None:
+            import pickle
+            raise pickle.PicklingError(f"{self!r} was not made by fad.trace/grad/jvp/vjp and "
+                                       "cannot be pickled")
+        factory, args, kw = self.recipe
+        return (_remake, (factory, args, kw))
+
+
+def _remake(factory, args, kw):
+    return factory(*args, **kw)
+
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _HAS_LINE = re.compile(r" at \S+:\d+ \(")
@@ -168,6 +200,7 @@ def trace(fun: Callable | None = None, *, name: str | None = None):
             raise
 
     tf = TracedFunction(make_graph, fname, getattr(fun, "__doc__", None), fun)
+    tf.recipe = (trace, (fun,), {"name": name})
     functools.update_wrapper(tf, fun, updated=())
     return tf
 

@@ -341,3 +341,164 @@ def test_tree_map_and_tree_utilities():
     X = fad.clients([np.ones((2, 1)), 3 * np.ones((1, 1))])
     got = step({"a": np.ones(2), "b": np.ones(())}, X)
     np.testing.assert_allclose(got["a"], [2.0, 2.0])
+
+
+# --------------------------------------------------------------------------- pickling
+
+@fad.trace
+def module_level_loss(w, X):
+    return fad.mean(fnp.mean(fnp.tanh(X @ fad.broadcast(w))))
+
+
+def plain_loss(w, X):
+    return fad.mean(fnp.mean(fnp.tanh(X @ fad.broadcast(w)) ** 2))
+
+
+def test_traced_functions_and_their_derivatives_pickle(ragged):
+    import pickle
+    w = np.array([0.3, -0.2, 0.5])
+    X = fad.clients(ragged([3, 5], 3))
+    fns = [module_level_loss, fad.trace(plain_loss), fad.grad(module_level_loss),
+           fad.grad(plain_loss, mode="mixed"), fad.value_and_grad(plain_loss, state="remat"),
+           fad.grad(plain_loss, policy=fad.Policy())]
+    for f in fns:
+        f(w, X)                                  # traced and cached before pickling
+        g = pickle.loads(pickle.dumps(f))
+        got, want = g(w, X), f(w, X)
+        for a, b in zip(fad.tree_leaves(got), fad.tree_leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert pickle.loads(pickle.dumps(module_level_loss)) is module_level_loss
+    jf = pickle.loads(pickle.dumps(fad.jvp(plain_loss)))
+    out, t = jf((w, X), (np.ones(3), None))
+    want_t = fad.grad(plain_loss)(w, X) @ np.ones(3)
+    np.testing.assert_allclose(t, want_t, rtol=1e-10)
+    import pickle as _p
+    with pytest.raises(Exception, match="lambda|local"):
+        _p.dumps(fad.trace(lambda v: v * 2))
+
+
+def test_fedopt_pickles_and_runs_the_same_round(ragged):
+    import pickle
+    from fadcore import algorithms as alg
+    from fadcore.algorithms.models import softmax_regression
+    fo = alg.FedOpt(softmax_regression(3, 2), local_steps=2, client_lr=0.5)
+    params, X = fo.model.init(0), fad.clients(ragged([4, 6], 3))
+    y = fad.clients(ragged([4, 6], dtype=np.int64, high=2))
+    alpha = fad.clients([np.array(1.0), np.array(2.0)])
+    state = fo.init_state(params)
+    want = fo.step(np.array(1.0), alpha, params, state, X, y)
+    fo2 = pickle.loads(pickle.dumps(fo))
+    assert repr(fo2) == repr(fo) and fo2.num_traces == fo.num_traces
+    got = fo2.step(np.array(1.0), alpha, params, state, X, y)
+    for a, b in zip(fad.tree_leaves(got), fad.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- packaging, CLI
+
+def _run(args, cwd, env_extra=None):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(fad.__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, **(env_extra or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_reference_backend_imports_neither_numba_nor_dask(tmp_path):
+    out = _run(["-c", "import sys, fadcore as fad, numpy as np\n"
+                "fad.set_default_backend('reference')\n"
+                "print(fad.trace(lambda w: w * 2)(np.ones(2)))\n"
+                "print(sorted(m for m in ('numba', 'dask', 'distributed', 'scipy') "
+                "if m in sys.modules))"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[2. 2.]", "[]"]
+
+
+def test_a_backend_that_cannot_import_is_a_typed_error(monkeypatch):
+    from fadcore import backends
+
+    def broken():
+        raise ImportError("No module named 'distributed'")
+    monkeypatch.setitem(backends._IMPORTS, "dask", broken)
+    monkeypatch.setattr(backends, "_TABLE", {k: v for k, v in backends._TABLE.items()
+                                              if k != "dask"})
+    monkeypatch.setattr(backends, "_MISSING", {})
+    with pytest.raises(fad.FadError, match="backend 'dask' is not available: No module named "
+                       "'distributed'.*pip install 'fadcore\\[dask\\]'"):
+        fad.set_default_backend("dask")
+    assert fad.default_backend() != "dask"
+    with pytest.raises(fad.FadError, match="unknown backend 'numbaa'"):
+        fad.set_default_backend("numbaa")
+
+
+def test_fadcore_logs_to_its_logger_and_prints_nothing(caplog, capsys):
+    import logging
+    with caplog.at_level(logging.DEBUG, logger="fadcore"):
+        fad.trace(lambda w: w * 3.0)(np.ones(2))
+    assert any(r.name == "fadcore.tracing" and "traced" in r.getMessage() for r in caplog.records)
+    assert any(r.name == "fadcore.backends" and "running" in r.getMessage()
+               for r in caplog.records)
+    assert capsys.readouterr().out == ""
+
+
+MYMOD = '''
+import numpy as np
+import fadcore as fad
+from fadcore import numpy as fnp
+
+
+def loss(w, X):
+    return fad.mean(fnp.mean(fnp.tanh(X @ fad.broadcast(w))))
+
+
+def example_args():
+    return np.ones(3), fad.clients([np.ones((2, 3)), np.ones((4, 3))])
+'''
+
+
+def test_fad_inspect_finds_a_module_in_the_current_directory(tmp_path):
+    (tmp_path / "mymod.py").write_text(MYMOD)
+    out = _run(["-m", "fadcore", "inspect", "mymod:loss", "--quiet", "--dot", "g",
+                "--json", "g"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "==" not in out.stdout                      # --quiet: the cost table only
+    assert out.stdout.splitlines()[0].split() == ["primal", "reverse", "reverse/remat",
+                                                  "forward", "mixed", "auto"]
+    files = sorted(os.listdir(tmp_path / "g"))
+    assert "loss.reverse.dot" in files and "loss.reverse-remat.json" in files and len(files) == 12
+    text = (tmp_path / "g" / "loss.reverse.json").read_text()
+    g = fad.Graph.from_json(text)
+    assert (tmp_path / "g" / "loss.reverse.dot").read_text().startswith('digraph "grad_loss"')
+    w, X = np.ones(3), fad.clients([np.ones((2, 3)), np.ones((4, 3))])
+    mod = {}
+    exec(MYMOD, mod)
+    np.testing.assert_allclose(fad.run(g, w, X), fad.grad(mod["loss"])(w, X), rtol=1e-12)
+
+
+def test_fad_inspect_missing_module_says_what_to_do(tmp_path):
+    out = _run(["-m", "fadcore", "inspect", "nomod:loss"], tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"no module named 'nomod' in {tmp_path}" in out.stderr
+    out = _run(["-m", "fadcore", "inspect", "mymod.py:loss"], tmp_path)
+    assert "give the module name, not the file: mymod:loss" in out.stderr
+
+
+def test_version_and_python_m(tmp_path):
+    out = _run(["-m", "fadcore", "--version"], tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == f"fad (fadcore) {fad.__version__}"
+
+
+def test_packaging_files():
+    import tomllib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fad.__file__)))
+    assert os.path.exists(os.path.join(root, "fadcore", "py.typed"))
+    lic = open(os.path.join(root, "LICENSE")).read()
+    assert "Apache License" in lic and "Version 2.0, January 2004" in lic
+    assert "END OF TERMS AND CONDITIONS" in lic
+    meta = tomllib.load(open(os.path.join(root, "pyproject.toml"), "rb"))
+    assert meta["project"]["license"] == "Apache-2.0"
+    assert meta["project"]["license-files"] == ["LICENSE"]
+    req = [r for r in meta["build-system"]["requires"] if r.startswith("setuptools")][0]
+    assert int(req.split(">=")[1].split(".")[0]) >= 77     # SPDX license + license-files
+    assert meta["tool"]["setuptools"]["package-data"]["fadcore"] == ["py.typed"]
