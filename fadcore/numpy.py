@@ -777,7 +777,9 @@ def _index(x, key):
         if isinstance(k, slice):
             if d is None:
                 if k != slice(None):
-                    raise ShapeError(f"slicing a ragged dimension (?) of {xt}: take it whole")
+                    raise ShapeError(
+                        f"slicing a ragged dimension (?) of {xt}: each client holds its own "
+                        f"number of rows, so take it whole{at_source(user_source())}")
                 starts.append(0), limits.append(None), strides.append(1)
                 out_shape.append(None)
             else:
@@ -787,7 +789,10 @@ def _index(x, key):
                 out_shape.append(len(range(s, l, st)))
         elif isinstance(k, (builtins.int, np.integer)):
             if d is None:
-                raise ShapeError(f"integer index into a ragged dimension (?) of {xt}")
+                raise ShapeError(
+                    f"integer index into a ragged dimension (?) of {xt}{at_source(user_source())}:"
+                    " each client holds its own number of rows, so row k may not exist; reduce "
+                    "over the rows (fnp.sum(X, axis=0)) or index a static axis (X[:, 0])")
             k = builtins.int(k)
             if not -d <= k < d:
                 raise ShapeError(f"index {k} out of range for a dimension of size {d}")
