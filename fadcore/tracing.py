@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from . import pytree
-from .core import Tracer, current_builder, inline, trace_to_graph
+from .core import Tracer, current_builder, inline, trace_to_graph, user_source
 from .errors import DTypeError, FadError, TracingError
 from .ir.graph import Graph
 from .ir.types import CLIENTS, SERVER, FederatedType, TensorType, dtype_of
@@ -83,7 +83,11 @@ class TracedFunction:
         hit = self._cache.get(key)
         if hit is not None:
             return hit, []
-        graph, captured = self._make_graph(tree, list(types))
+        try:
+            graph, captured = self._make_graph(tree, list(types))
+        except FadError as e:
+            add_user_line(e)
+            raise
         log.debug("traced %s at (%s): %d equations", self.__name__,
                   ", ".join(map(str, types)), len(graph.eqns))
         if not captured:
@@ -123,7 +127,12 @@ class TracedFunction:
             outs = inline(graph, list(leaves) + list(captured))
             return pytree.unflatten(graph.out_tree, outs)
         from .backends import run_flat
-        return pytree.unflatten(graph.out_tree, run_flat(graph, leaves, num_clients=num_clients))
+        try:
+            outs = run_flat(graph, leaves, num_clients=num_clients)
+        except FadError as e:          # arguments that do not fit: name the caller's line
+            add_user_line(e)
+            raise
+        return pytree.unflatten(graph.out_tree, outs)
 
     def run(self, *args, backend: str | None = None, **kw):
         """Run with an explicit backend (``"numba"``, ``"reference"``, ``"dask"``)."""
@@ -175,11 +184,12 @@ def _user_frame(tb) -> str | None:
 
 
 def add_user_line(e: FadError) -> None:
-    """Append the user's source line to a FadError raised while tracing, if it has none: the
-    innermost frame of the user's own code in the traceback, whatever raised it."""
+    """Append the user's source line to a FadError raised while tracing or transforming, if it
+    has none: the innermost frame of the user's own code in the traceback, whatever raised it,
+    else (an error of a derivative pass) the user's frame that called fadcore."""
     if not e.args or not isinstance(e.args[0], str) or _HAS_LINE.search(e.args[0]):
         return
-    src = _user_frame(e.__traceback__)
+    src = _user_frame(e.__traceback__) or user_source()
     if src:
         e.args = (f"{e.args[0]} at {src}",) + e.args[1:]
 
@@ -193,11 +203,7 @@ def trace(fun: Callable | None = None, *, name: str | None = None):
     fname = name or getattr(fun, "__name__", "f")
 
     def make_graph(tree, types):
-        try:
-            return trace_to_graph(fun, types, tree, fname)
-        except FadError as e:
-            add_user_line(e)
-            raise
+        return trace_to_graph(fun, types, tree, fname)
 
     tf = TracedFunction(make_graph, fname, getattr(fun, "__doc__", None), fun)
     tf.recipe = (trace, (fun,), {"name": name})

@@ -107,6 +107,21 @@ def _mistakes(w, X, y, labels):
          fad.PlacementError, "broadcast"),
         ("mixing placements", lambda: fad.trace(lambda w, X: fad.mean(fnp.sum(X * w)))(w, X),
          fad.PlacementError, "fad.broadcast"),
+        ("grad of a vector", lambda: fad.grad(lambda w: w * 2)(w), fad.DifferentiationError,
+         "fnp.sum"),
+        ("grad w.r.t. an integer", lambda: fad.grad(lambda a, w: fnp.sum(w))(np.arange(3), w),
+         fad.DifferentiationError, "argnums"),
+        ("argnums out of range", lambda: fad.grad(lambda w: fnp.sum(w), argnums=3)(w),
+         fad.DifferentiationError, "out of range"),
+        ("forward mode per client",
+         lambda: fad.grad(lambda w, y: fad.mean(fnp.mean(y * fad.broadcast(w)[0])), argnums=1, mode="forward")(w, y),
+         fad.DifferentiationError, "mode='reverse'"),
+        ("a policy the primal breaks",
+         lambda: fad.grad(lambda w, y: fad.mean(fnp.mean(y * fad.broadcast(w)[0])), policy=fad.Policy("secure_sum"))(w, y),
+         fad.ClosureError, "secure_sum"),
+        ("client arguments of different cohorts",
+         lambda: fad.trace(lambda X, y: fad.mean(fnp.sum(X)) + fad.mean(fnp.sum(y)))(X, y[[0, 1]]),
+         fad.CardinalityError, "has 2 clients but argument 0 has 3"),
     ]
 
 

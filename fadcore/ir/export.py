@@ -142,7 +142,7 @@ def to_dot(graph: Graph) -> str:
                 edges.append(f"{_q(name(a))} -> {_q(n)}{style};")
     rs = _rounds(graph)
     lines = [f"digraph {_q(graph.name)} {{",
-             '  rankdir=TB; newrank=true; compound=true; nodesep=0.25; ranksep=0.35; '
+             '  rankdir=TB; compound=true; nodesep=0.25; ranksep=0.35; '
              'fontname="Helvetica";',
              '  node [fontname="Helvetica", fontsize=10, margin="0.08,0.03"]; '
              'edge [color="#555555", arrowsize=0.7];']
@@ -170,6 +170,11 @@ def to_dot(graph: Graph) -> str:
     if rs.final:
         lines += _cluster("cluster_final", "SERVER", "SERVER", [node[e.out] for e in rs.final],
                           "  ")
+    # rounds run one after the other: invisible edges keep each round below the previous one
+    for prev, nxt in zip(rs.rounds, rs.rounds[1:]):
+        first = (nxt.prepare + nxt.broadcasts + nxt.client)[:1]
+        for e in prev.aggregations if first else ():
+            edges.append(f"{_q(name(e.out))} -> {_q(name(first[0].out))} [style=invis];")
     for i, a in enumerate(graph.outputs):
         n = f"out{i}"
         text = name(a) if isinstance(a, Var) else pp_literal(a)
