@@ -958,6 +958,19 @@ def _array_function(self, func, types, args, kwargs):
 
 # --------------------------------------------------------------------------- tracer methods
 
+def _len(x) -> int:
+    """``len(x)`` of a traced value: its static first dimension."""
+    t = _type(x)
+    if not t.shape:
+        raise TracingError(f"len() of a traced scalar {x.type}{at_source(user_source())}")
+    if t.shape[0] is None:
+        raise TracingError(
+            f"len() of {x.type}: its first dimension is ragged (?), each client's own row "
+            f"count, known only when the graph runs{at_source(user_source())}; use "
+            "fnp.rows(x) for the count as a traced value (e.g. FedAvg weights)")
+    return t.shape[0]
+
+
 def _install_tracer_methods():
     def r(f):
         return lambda self, other: f(other, self)
@@ -976,6 +989,7 @@ def _install_tracer_methods():
     T.__lt__, T.__le__, T.__gt__, T.__ge__ = less, less_equal, greater, greater_equal
     T.__eq__, T.__ne__ = equal, not_equal
     T.__getitem__ = _index
+    T.__len__ = _len
     T.T = property(lambda self: transpose(self))
     T.sum = lambda self, axis=None, keepdims=False: sum(self, axis, keepdims)
     T.mean = lambda self, axis=None, keepdims=False: mean(self, axis, keepdims)

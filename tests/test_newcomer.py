@@ -88,7 +88,7 @@ def _mistakes(w, X, y, labels):
         ("np.linalg.inv", lambda: fad.trace(lambda w: np.linalg.inv(w))(w), fad.TracingError,
          "np.linalg.inv"),
         ("len of ragged rows", lambda: fad.trace(lambda X: fad.sum(len(X) * fnp.sum(X)))(X),
-         fad.TracingError, "row count"),
+         fad.TracingError, "fnp.rows(x)"),
         ("Python if on a traced value",
          lambda: fad.trace(lambda w: w if fnp.sum(w) > 0 else -w)(w), fad.TracingError,
          "where"),
