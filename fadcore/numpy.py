@@ -965,8 +965,8 @@ def _len(x) -> int:
         raise TracingError(f"len() of a traced scalar {x.type}{at_source(user_source())}")
     if t.shape[0] is None:
         raise TracingError(
-            f"len() of {x.type}: its first dimension is ragged (?), each client's own row "
-            f"count, known only when the graph runs{at_source(user_source())}; use "
+            f"len() of a ragged traced value {x.type}: its first dimension (?) is each "
+            f"client's own row count, known only when the graph runs{at_source(user_source())}; use "
             "fnp.rows(x) for the count as a traced value (e.g. FedAvg weights)")
     return t.shape[0]
 

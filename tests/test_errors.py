@@ -148,7 +148,7 @@ def test_aggregating_ragged_values(data):
 
 @pytest.mark.parametrize("fn, msg", [
     (lambda X: X[0], r"integer index into a ragged dimension \(\?\) of f64\[\?,3\]"),
-    (lambda X: X[1:, 0], r"slicing a ragged dimension \(\?\) of f64\[\?,3\]: take it whole"),
+    (lambda X: X[1:, 0], r"slicing a ragged dimension \(\?\) of f64\[\?,3\]: .*take it whole"),
     (lambda X: X[:, 5], r"index 5 out of range for a dimension of size 3"),
     (lambda X: fnp.concatenate([X, X], axis=0), r"cannot join along a ragged dimension"),
     (lambda X: fnp.reshape(X, (-1,)), r"reshape: cannot reshape f64\[\?,3\]"),
