@@ -168,6 +168,7 @@ def _remake(factory, args, kw):
 
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB_DIR = os.path.dirname(os.path.abspath(os.__file__)) + os.sep   # contextlib, functools...
 _HAS_LINE = re.compile(r" at \S+:\d+ \(")
 
 
@@ -177,7 +178,8 @@ def _user_frame(tb) -> str | None:
     while tb is not None:
         code = tb.tb_frame.f_code
         fn = code.co_filename
-        if not (fn.startswith(_PKG_DIR) or "numpy" + os.sep in fn or fn.startswith("<frozen")):
+        stdlib = fn.startswith(_STDLIB_DIR) and "-packages" + os.sep not in fn
+        if not (stdlib or fn.startswith((_PKG_DIR, "<frozen")) or "numpy" + os.sep in fn):
             found = f"{os.path.basename(fn)}:{tb.tb_lineno} ({code.co_name})"
         tb = tb.tb_next
     return found
