@@ -953,6 +953,11 @@ def _array_function(self, func, types, args, kwargs):
                                f"{at_source(user_source())}; fadcore.numpy.{name} takes "
                                f"{', '.join(params)}")
         kw[k] = v
+    try:
+        inspect.signature(target).bind(*args, **kw)
+    except TypeError as e:
+        raise TracingError(f"np.{name} on a traced value: {e}{at_source(user_source())}; "
+                           f"fadcore.numpy.{name} takes ({', '.join(params)})") from None
     return target(*args, **kw)
 
 

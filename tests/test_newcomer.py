@@ -87,6 +87,8 @@ def _mistakes(w, X, y, labels):
          lambda: fad.trace(lambda X: np.argmax(X))(X), fad.TracingError, "axis="),
         ("np.linalg.inv", lambda: fad.trace(lambda w: np.linalg.inv(w))(w), fad.TracingError,
          "np.linalg.inv"),
+        ("np.where with one argument", lambda: fad.trace(lambda w: np.where(w > 0))(w),
+         fad.TracingError, "takes (cond, x, y)"),
         ("len of ragged rows", lambda: fad.trace(lambda X: fad.sum(len(X) * fnp.sum(X)))(X),
          fad.TracingError, "fnp.rows(x)"),
         ("Python if on a traced value",
