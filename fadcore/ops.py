@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .core import bind, impl_rules, jvp_rules, transpose_rules
+from .core import Tracer, bind, impl_rules, jvp_rules, transpose_rules
 from .errors import DTypeError, ShapeError
 from .ir.primitives import (AGGREGATIONS, Comm, CostClass, Primitive, after_p,  # noqa: F401
                             broadcast_p, mean_p, need_float, need_numeric, num_clients_p,
@@ -367,6 +367,20 @@ jvp_rules[div_p] = _div_jvp
 transpose_rules[div_p] = _div_transpose
 
 
+def _integer_exponent(y):
+    """The exponent as a Python int when it is a constant integer (a literal such as the 2 of
+    ``x ** 2``, all elements equal), else None."""
+    if isinstance(y, Tracer) or is_zero(y):
+        return None
+    a = np.asarray(y)
+    if a.size == 0 or a.dtype.kind not in "fiu":
+        return None
+    v = a.flat[0]
+    if not np.all(a == v) or not np.isfinite(v) or float(v) != int(v):
+        return None
+    return int(v)
+
+
 def _pow_jvp(primals, tangents):
     x, y = primals
     tx, ty = tangents
@@ -374,7 +388,18 @@ def _pow_jvp(primals, tangents):
     ot = tensor_type(out)
     t = Zero(ot)
     if not is_zero(tx):
-        t = _fit(mul(tx, mul(y, pow(x, sub(y, 1.0)))), ot)
+        n = _integer_exponent(y)
+        if n == 0:
+            pass                                    # x ** 0 = 1: no tangent
+        elif n == 1:
+            t = _fit(tx, ot)
+        elif n is not None:
+            # n x^(n-1) with the exponent a constant again, so every higher derivative
+            # also ends at x^1 and x^0 instead of forming 0 * 0^-1 = nan at x = 0
+            dx = mul(x, float(n)) if n == 2 else mul(float(n), pow(x, float(n - 1)))
+            t = _fit(mul(tx, dx), ot)
+        else:
+            t = _fit(mul(tx, mul(y, pow(x, sub(y, 1.0)))), ot)
     if not is_zero(ty):
         # d/dy x**y = log(x) x**y, taken as 0 where x == 0 (as JAX does)
         safe_log = select(eq(x, 0.0), 0.0, log(select(eq(x, 0.0), 1.0, x)))
