@@ -6,17 +6,24 @@ communication boundaries in forward, reverse or mixed mode, and run the result f
 
 from __future__ import annotations
 
+import logging as _logging
+
+# fadcore logs (tracing, backends) to the "fadcore" logger and prints nothing: see them with
+# logging.basicConfig(level=logging.DEBUG), or logging.getLogger("fadcore").setLevel(...)
+_logging.getLogger("fadcore").addHandler(_logging.NullHandler())
+
 from . import ops as _ops  # noqa: F401  (defines the primitives)
 from . import numpy, nn, pytree  # noqa: F401
 from .backends import run, set_default_backend, default_backend
 from .errors import (CardinalityError, ClosureError, DifferentiationError, DTypeError,
-                     FadError, LoweringError, PlacementError, ResourceError,
+                     FadError, LoweringError, OptionError, PlacementError, ResourceError,
                      SecureAggregationError, SerializationError, ShapeError, TracingError,
                      VerificationError)
 from .federated import broadcast, map, mean, num_clients, secure_sum, sum, weighted_mean
 from .ir.graph import Graph
 from .ir.types import (CLIENTS, SERVER, DType, FederatedType, Placement, TensorType, bool_,
                        f32, f64, i32, i64)
+from .pytree import tree_leaves, tree_map, tree_structure
 from .tracing import RetraceWarning, TracedFunction, trace
 from .values import ClientValues, clients
 
@@ -29,7 +36,8 @@ __all__ = [
     "f64", "f32", "i64", "i32", "bool_", "numpy", "nn",
     "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",
     "SerializationError", "VerificationError", "DifferentiationError", "CardinalityError",
-    "LoweringError", "TracingError", "ResourceError", "set_default_backend", "default_backend",
+    "LoweringError", "TracingError", "ResourceError", "OptionError", "set_default_backend",
+    "default_backend", "tree_map", "tree_leaves", "tree_structure",
 ]
 
 from .api import grad, hessian, hvp, jacfwd, jacrev, jvp, value_and_grad, vjp  # noqa: E402

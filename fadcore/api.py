@@ -132,7 +132,24 @@ def value_and_grad(f, argnums=0, mode: str = "reverse", state: str = "stateful",
     return _grad_impl(f, argnums, mode, state, policy, weights, boundaries, True, has_aux)
 
 
+def check_options(mode, state, policy) -> None:
+    """Typed errors, with the caller's line, for option values no pass takes."""
+    from .core import at_source, user_source
+    from .errors import OptionError
+    from .policy import Policy
+    if mode not in MODES:
+        raise OptionError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}"
+                          f"{at_source(user_source())}")
+    if state not in ("stateful", "remat"):
+        raise OptionError(f"state must be 'stateful' or 'remat', got {state!r}"
+                          f"{at_source(user_source())}")
+    if policy is not None and not isinstance(policy, Policy):
+        raise OptionError(f"policy must be a fad.Policy (e.g. fad.Policy(aggregation="
+                          f"'secure_sum')) or None, got {policy!r:.60}{at_source(user_source())}")
+
+
 def _grad_impl(f, argnums, mode, state, policy, weights, boundaries, with_value, has_aux):
+    check_options(mode, state, policy)
     mode = Mode.parse(mode, f"mode must be one of {MODES}, got {{value!r}}")
     bkey = tuple(sorted(boundaries.items())) if isinstance(boundaries, dict) else boundaries
     key = ("grad", argnums, mode, state, policy, weights, bkey, with_value, has_aux)
@@ -189,7 +206,10 @@ def _make_grad(f, argnums, mode, state, policy, weights, boundaries, with_value,
         _check_policy(dg, policy)
         return dg, captured
 
-    return TracedFunction(make_graph, f"{what}({fname})")
+    out = TracedFunction(make_graph, f"{what}({fname})")
+    out.recipe = (_grad_impl, (f, argnums, mode, state, policy, weights, boundaries, with_value,
+                               has_aux), {})
+    return out
 
 
 # --------------------------------------------------------------------------- auxiliary outputs
@@ -405,7 +425,9 @@ def _jvp_function(f) -> TracedFunction:
                         num_captured=g.num_captured, meta={**jg.meta, "mode": "forward"})
         return jg, captured
 
-    return TracedFunction(make_graph, f"jvp({fname})")
+    out = TracedFunction(make_graph, f"jvp({fname})")
+    out.recipe = (_jvp_function, (f,), {})
+    return out
 
 
 class VJPFunction:
@@ -437,6 +459,7 @@ def vjp(f, *primals, argnums=None, has_aux: bool = False, mode: str = "reverse",
     ``f`` returns ``(out, aux)`` and ``vjp`` returns ``(out, vjp_fn, aux)``. ``num_clients=``
     binds the cohort size of a function with no client-placed argument.
     """
+    check_options(mode, state, policy)
     mode = Mode.parse(mode, f"mode must be one of {MODES}, got {{value!r}}")
     base = as_traced(f)
     out = base(*primals, num_clients=num_clients)
@@ -494,7 +517,9 @@ def _vjp_function(base: TracedFunction, mode, state, policy, argnums=None,
                                             **_policy_meta(policy)})
         return dg, captured
 
-    return TracedFunction(make_graph, f"vjp({fname})")
+    out = TracedFunction(make_graph, f"vjp({fname})")
+    out.recipe = (_vjp_function, (base, mode, state, policy, argnums, has_aux), {})
+    return out
 
 
 def _retree(tree, leaf_defs):
@@ -607,7 +632,9 @@ def _make_jacobian(f, argnums, has_aux, what, opts) -> TracedFunction:
             **jg.meta, "mode": "forward" if what == "jacfwd" else str(opts["mode"])})
         return jg, captured
 
-    return TracedFunction(make_graph, f"{what}({fname})")
+    out = TracedFunction(make_graph, f"{what}({fname})")
+    out.recipe = (_make_jacobian, (f, argnums, has_aux, what, opts), {})
+    return out
 
 
 def _one_hot(t, j: int) -> np.ndarray:

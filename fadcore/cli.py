@@ -147,11 +147,29 @@ def _run_demo(cfg, args) -> int:
 
 
 def _load(spec: str):
+    """``module:attr`` imported as ``python -m`` would: the current directory comes first on
+    the module path, so ``fad inspect mymod:fn`` finds ./mymod.py."""
     import importlib
+    import os
     mod_name, _, attr = spec.partition(":")
-    if not attr:
-        raise SystemExit(f"fad inspect: expected module:function, got {spec!r}")
-    mod = importlib.import_module(mod_name)
+    if not attr or not mod_name:
+        raise SystemExit(f"fad inspect: expected module:function (e.g. mymod:loss for "
+                         f"./mymod.py), got {spec!r}")
+    if mod_name.endswith(".py"):
+        raise SystemExit(f"fad inspect: give the module name, not the file: "
+                         f"{mod_name[:-3].replace(os.sep, '.')}:{attr}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name and (mod_name == e.name or mod_name.startswith(e.name + ".")):
+            raise SystemExit(
+                f"fad inspect: no module named {mod_name!r} in {cwd} or on the module path; run "
+                "fad from the directory holding it, or add that directory to PYTHONPATH"
+            ) from None
+        raise
     try:
         return mod, getattr(mod, attr)
     except AttributeError:
@@ -187,13 +205,17 @@ def _inspect(args) -> int:
             graphs[name] = fad.grad(fn, argnums=argnums, **kw).graph(*call_args)
         except fad.FadError as e:
             notes.append(f"{name}: {e}")
-    for name, g in graphs.items():
-        print(f"== {name}: {len(g.eqns)} equations ==")
-        print(g if not args.quiet else "(graph omitted: --quiet)")
-        print()
-    print(f"== cost (clients={args.clients}, rows={args.rows}) ==")
+    _write_graphs(graphs, fname, args)
+    if not args.quiet:
+        for name, g in graphs.items():
+            print(f"== {name}: {len(g.eqns)} equations ==")
+            print(g)
+            print()
+        print(f"== cost (clients={args.clients}, rows={args.rows}) ==")
     print(cost_table({n: fad.cost(g, clients=args.clients, rows=args.rows)
                       for n, g in graphs.items()}))
+    if args.quiet:
+        return 0
     if "auto" in graphs:
         print()
         print(fad.explain(graphs["auto"]))
@@ -229,9 +251,30 @@ def _export(args) -> int:
     return 0
 
 
+def _write_graphs(graphs: dict, fname: str, args) -> None:
+    """``--dot DIR`` / ``--json DIR``: one file per graph, ``<function>.<variant>.dot|json``."""
+    import os
+    for flag, ext in (("dot", "dot"), ("json", "json")):
+        out = getattr(args, flag)
+        if not out:
+            continue
+        os.makedirs(out, exist_ok=True)
+        for name, g in graphs.items():
+            path = os.path.join(out, f"{fname}.{name.replace('/', '-')}.{ext}")
+            with open(path, "w") as f:
+                f.write(g.to_dot() if ext == "dot" else g.to_json(indent=1))
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def _version() -> str:
+    from fadcore import __version__
+    return __version__
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fad", description="fadcore: federated automatic "
                                      "differentiation")
+    parser.add_argument("--version", action="version", version=f"fad (fadcore) {_version()}")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser(
         "demo", help="learned server learning rate and learned client weights (FAD)",
@@ -275,7 +318,11 @@ def main(argv=None) -> int:
     p.add_argument("--argnums", default="", help="comma-separated argument indices (default 0)")
     p.add_argument("--clients", type=int, default=100, help="clients for the cost table")
     p.add_argument("--rows", type=int, default=100, help="rows per client for the cost table")
-    p.add_argument("--quiet", action="store_true", help="print the cost tables only")
+    p.add_argument("--quiet", action="store_true", help="print the cost table only")
+    p.add_argument("--dot", metavar="DIR", help="also write each graph as Graphviz DOT to "
+                   "DIR/<function>.<variant>.dot (render: dot -Tsvg FILE -o FILE.svg)")
+    p.add_argument("--json", metavar="DIR", help="also write each graph as JSON "
+                   "(fad.Graph.from_json loads it) to DIR/<function>.<variant>.json")
     p.set_defaults(func=_inspect)
     p = sub.add_parser(
         "export", help="write a deployable app for a federated runtime (flower)",

@@ -8,7 +8,7 @@ __all__ = [
     "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",
     "SerializationError", "VerificationError", "DifferentiationError",
     "CardinalityError", "LoweringError", "TracingError", "ResourceError",
-    "SecureAggregationError",
+    "SecureAggregationError", "OptionError",
 ]
 
 
@@ -63,3 +63,8 @@ class ResourceError(FadError, MemoryError):
 class SecureAggregationError(FadError):
     """Secure aggregation cannot proceed: a cohort below its minimum, a value outside the
     fixed point range, clients that dropped out after masking, bad parameters."""
+
+
+class OptionError(FadError, ValueError):
+    """An option of a fadcore function has a value it does not take (``mode=``, ``state=``,
+    ``policy=``, ``Policy(aggregation=...)``, ...)."""

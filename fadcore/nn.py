@@ -10,6 +10,14 @@ __all__ = ["softmax_cross_entropy", "clip_by_norm", "global_norm", "sigmoid_cros
 
 def softmax_cross_entropy(logits, labels):
     """Per-row loss ``logsumexp(logits) - logits[label]`` for integer labels (one per row)."""
+    lt = ops.tensor_type(labels)
+    if not lt.dtype.is_int:
+        from .core import at_source, user_source
+        from .errors import DTypeError
+        raise DTypeError(
+            f"softmax_cross_entropy: labels must be integer class indices, got {lt}"
+            f"{at_source(user_source())}; pass integer labels (y.astype(np.int64)), or use "
+            "fad.nn.sigmoid_cross_entropy for 0/1 float targets")
     lse = fnp.logsumexp(logits, axis=-1)
     idx = fnp.expand_dims(labels, -1)
     picked = fnp.take_along_axis(logits, idx, axis=-1)

@@ -24,8 +24,13 @@ class Policy:
 
     def __post_init__(self):
         if self.aggregation not in ("any", "secure_sum"):
-            raise ValueError("Policy(aggregation=...) is 'any' or 'secure_sum', "
-                             f"got {self.aggregation!r}")
+            import os
+            import sys
+            from .errors import OptionError
+            caller = sys._getframe(2)      # past the dataclass's generated __init__
+            raise OptionError("Policy(aggregation=...) is 'any' or 'secure_sum', got "
+                              f"{self.aggregation!r} at {os.path.basename(caller.f_code.co_filename)}"
+                              f":{caller.f_lineno} ({caller.f_code.co_name})")
 
     @property
     def secure(self) -> bool:

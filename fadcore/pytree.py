@@ -7,7 +7,12 @@ A tree definition is a small hashable value, so it can key caches and be seriali
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+from .errors import FadError
+
+__all__ = ["flatten", "unflatten", "tree_map", "tree_leaves", "tree_structure", "tree_str",
+           "TreeError"]
 
 LEAF = ("leaf",)
 NONE = ("none",)
@@ -30,6 +35,36 @@ def _flatten(x: Any, leaves: list) -> tuple:
         return ("dict", keys, tuple(_flatten(x[k], leaves) for k in keys))
     leaves.append(x)
     return LEAF
+
+
+class TreeError(FadError, ValueError):
+    """Pytrees that should share one structure do not."""
+
+
+def tree_leaves(tree: Any) -> list:
+    """The leaves of ``tree`` (tuples, lists, dicts and None are nodes), in order."""
+    return flatten(tree)[0]
+
+
+def tree_structure(tree: Any) -> tuple:
+    """The tree definition of ``tree``: a small hashable value (see the module docstring)."""
+    return flatten(tree)[1]
+
+
+def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
+    """``fn`` applied leaf by leaf: ``tree_map(lambda w, g: w - lr * g, params, grads)``.
+
+    ``rest`` are trees of the same structure as ``tree``; works on NumPy arrays, client values
+    and traced values alike (``fad.tree_map``)."""
+    leaves, treedef = flatten(tree)
+    others = []
+    for i, r in enumerate(rest):
+        lv, td = flatten(r)
+        if td != treedef:
+            raise TreeError(f"tree_map: tree {i + 2} has structure {tree_str(td)} but tree 1 has "
+                            f"{tree_str(treedef)}")
+        others.append(lv)
+    return unflatten(treedef, [fn(*xs) for xs in zip(leaves, *others, strict=True)])
 
 
 def unflatten(treedef: tuple, leaves) -> Any:

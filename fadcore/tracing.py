@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import re
+import sys
 import types as pytypes
 import warnings
 from typing import Callable
@@ -10,8 +14,8 @@ from typing import Callable
 import numpy as np
 
 from . import pytree
-from .core import Tracer, current_builder, inline, trace_to_graph
-from .errors import DTypeError, TracingError
+from .core import Tracer, current_builder, inline, trace_to_graph, user_source
+from .errors import DTypeError, FadError, TracingError
 from .ir.graph import Graph
 from .ir.types import CLIENTS, SERVER, FederatedType, TensorType, dtype_of
 from .values import ClientValues
@@ -25,6 +29,8 @@ RETRACE_WARN_AFTER = 5
 
 class RetraceWarning(UserWarning):
     """A traced function keeps being re-traced for new abstract signatures."""
+
+log = logging.getLogger("fadcore.tracing")
 
 
 def abstractify(x) -> FederatedType:
@@ -68,6 +74,8 @@ class TracedFunction:
         self._cache: dict = {}
         self._signatures: list = []        # every signature traced (for the retrace warning)
         self._warned = False
+        #: ``(factory, args, kwargs)`` that makes this function again: how it pickles
+        self.recipe: tuple | None = None
 
     def _graph_for(self, tree, types) -> tuple[Graph, list]:
         types = tuple(types)
@@ -75,7 +83,13 @@ class TracedFunction:
         hit = self._cache.get(key)
         if hit is not None:
             return hit, []
-        graph, captured = self._make_graph(tree, list(types))
+        try:
+            graph, captured = self._make_graph(tree, list(types))
+        except FadError as e:
+            add_user_line(e)
+            raise
+        log.debug("traced %s at (%s): %d equations", self.__name__,
+                  ", ".join(map(str, types)), len(graph.eqns))
         if not captured:
             self._cache[key] = graph
             if self.fun is not None:
@@ -113,7 +127,12 @@ class TracedFunction:
             outs = inline(graph, list(leaves) + list(captured))
             return pytree.unflatten(graph.out_tree, outs)
         from .backends import run_flat
-        return pytree.unflatten(graph.out_tree, run_flat(graph, leaves, num_clients=num_clients))
+        try:
+            outs = run_flat(graph, leaves, num_clients=num_clients)
+        except FadError as e:          # arguments that do not fit: name the caller's line
+            add_user_line(e)
+            raise
+        return pytree.unflatten(graph.out_tree, outs)
 
     def run(self, *args, backend: str | None = None, **kw):
         """Run with an explicit backend (``"numba"``, ``"reference"``, ``"dask"``)."""
@@ -122,6 +141,59 @@ class TracedFunction:
 
     def __repr__(self) -> str:
         return f"<fad traced function {self.__name__}>"
+
+    def __reduce__(self):
+        """Pickled as what made it, never as graphs: a module-level ``@fad.trace`` function by
+        reference; ``fad.trace(f)``, ``fad.grad(f, ...)``, ``fad.jvp(f)``... as that call on
+        ``f`` (which must pickle itself: a module-level function or a bound method). The
+        unpickled function traces again on first use."""
+        mod = sys.modules.get(self.__dict__.get("__module__") or "")
+        qualname = self.__dict__.get("__qualname__")
+        if mod is not None and qualname and "<locals>" not in qualname:
+            obj = mod
+            for part in qualname.split("."):
+                obj = getattr(obj, part, None)
+            if obj is self:
+                return qualname
+        if self.recipe is None:
+            import pickle
+            raise pickle.PicklingError(f"{self!r} was not made by fad.trace/grad/jvp/vjp and "
+                                       "cannot be pickled")
+        factory, args, kw = self.recipe
+        return (_remake, (factory, args, kw))
+
+
+def _remake(factory, args, kw):
+    return factory(*args, **kw)
+
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_STDLIB_DIR = os.path.dirname(os.path.abspath(os.__file__)) + os.sep   # contextlib, functools...
+_HAS_LINE = re.compile(r" at \S+:\d+ \(")
+
+
+def _user_frame(tb) -> str | None:
+    """``file:line (function)`` of the innermost traceback frame outside fadcore and NumPy."""
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        fn = code.co_filename
+        stdlib = fn.startswith(_STDLIB_DIR) and "-packages" + os.sep not in fn
+        if not (stdlib or fn.startswith((_PKG_DIR, "<frozen")) or "numpy" + os.sep in fn):
+            found = f"{os.path.basename(fn)}:{tb.tb_lineno} ({code.co_name})"
+        tb = tb.tb_next
+    return found
+
+
+def add_user_line(e: FadError) -> None:
+    """Append the user's source line to a FadError raised while tracing or transforming, if it
+    has none: the innermost frame of the user's own code in the traceback, whatever raised it,
+    else (an error of a derivative pass) the user's frame that called fadcore."""
+    if not e.args or not isinstance(e.args[0], str) or _HAS_LINE.search(e.args[0]):
+        return
+    src = _user_frame(e.__traceback__) or user_source()
+    if src:
+        e.args = (f"{e.args[0]} at {src}",) + e.args[1:]
 
 
 def trace(fun: Callable | None = None, *, name: str | None = None):
@@ -136,6 +208,7 @@ def trace(fun: Callable | None = None, *, name: str | None = None):
         return trace_to_graph(fun, types, tree, fname)
 
     tf = TracedFunction(make_graph, fname, getattr(fun, "__doc__", None), fun)
+    tf.recipe = (trace, (fun,), {"name": name})
     functools.update_wrapper(tf, fun, updated=())
     return tf
 

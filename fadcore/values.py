@@ -61,12 +61,40 @@ class ClientValues:
         return len(self.members)
 
     def __getitem__(self, i):
+        """``cv[k]``: client k's array; ``cv[a:b]``, ``cv[[0, 2]]``, ``cv[mask]``: a
+        ClientValues of those clients (in that order)."""
         if isinstance(i, slice):
-            return ClientValues(self.members[i], ragged=self.ragged)
+            return self._select(range(len(self))[i], i)
+        if isinstance(i, (list, tuple, np.ndarray)):
+            idx = np.asarray(i)
+            if idx.dtype == bool:
+                if idx.shape != (len(self),):
+                    raise IndexError(f"a boolean client mask needs {len(self)} entries, got "
+                                     f"shape {idx.shape}")
+                idx = np.flatnonzero(idx)
+            elif idx.size == 0:
+                idx = idx.astype(np.int64)
+            elif idx.dtype.kind not in "iu" or idx.ndim != 1:
+                raise IndexError(f"clients are selected by an int, a slice, a list of ints or a "
+                                 f"boolean mask, got {i!r:.60}")
+            return self._select([int(k) for k in idx], i)
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise IndexError(f"clients are selected by an int, a slice, a list of ints or a "
+                             f"boolean mask, got {type(i).__name__} {i!r:.60}")
         try:
             return self.members[i]
         except IndexError:
             raise IndexError(f"client {i} out of range for {len(self)} clients") from None
+
+    def _select(self, ks, key) -> "ClientValues":
+        n = len(self)
+        bad = [k for k in ks if not -n <= k < n]
+        if bad:
+            raise IndexError(f"client {bad[0]} out of range for {n} clients")
+        if not len(ks):
+            raise IndexError(f"the selection {key!r:.60} holds no client (a client value needs "
+                             "at least one)")
+        return ClientValues([self.members[k] for k in ks], self.all_equal, self.ragged)
 
     def __iter__(self):
         return iter(self.members)

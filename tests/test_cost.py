@@ -202,9 +202,15 @@ def test_inspect_cli(capsys):
     assert main(["inspect", "fadcore.examples:fed_mse", "--quiet", "--clients", "10",
                  "--rows", "7"]) == 0
     out = capsys.readouterr().out
+    assert "==" not in out and "boundary" not in out          # --quiet: the cost table only
+    assert out.splitlines()[0].split() == ["primal", "reverse", "reverse/remat", "forward",
+                                           "mixed", "auto"]
+    assert out.splitlines()[1].split() == ["rounds", "1", "2", "2", "1", "1", "1"]
+    assert main(["inspect", "fadcore.examples:fed_mse", "--clients", "10", "--rows", "7"]) == 0
+    out = capsys.readouterr().out
     for name in ("primal", "reverse", "reverse/remat", "forward", "mixed", "auto"):
         assert f"== {name}:" in out
-    assert "boundary 0 (mean): pushforward" in out
+    assert "{ lambda" in out and "boundary 0 (mean): pushforward" in out
 
 
 def test_auto_finds_savings_that_need_several_boundaries():

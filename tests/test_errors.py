@@ -148,7 +148,7 @@ def test_aggregating_ragged_values(data):
 
 @pytest.mark.parametrize("fn, msg", [
     (lambda X: X[0], r"integer index into a ragged dimension \(\?\) of f64\[\?,3\]"),
-    (lambda X: X[1:, 0], r"slicing a ragged dimension \(\?\) of f64\[\?,3\]: take it whole"),
+    (lambda X: X[1:, 0], r"slicing a ragged dimension \(\?\) of f64\[\?,3\]: .*take it whole"),
     (lambda X: X[:, 5], r"index 5 out of range for a dimension of size 3"),
     (lambda X: fnp.concatenate([X, X], axis=0), r"cannot join along a ragged dimension"),
     (lambda X: fnp.reshape(X, (-1,)), r"reshape: cannot reshape f64\[\?,3\]"),
@@ -189,7 +189,8 @@ def test_float_labels_where_integers_are_needed(data):
         return fad.nn.softmax_cross_entropy(z, labels)       # <- float labels
 
     with pytest.raises(fad.DTypeError,
-                       match=r"take_along_axis: indices must be integers, got f64\[\?,1\]") as e:
+                       match=r"softmax_cross_entropy: labels must be integer class indices, "
+                       r"got f64\[\?\] at test_errors.py:\d+ .*y.astype\(np.int64\)") as e:
         fad.trace(loss).graph(X, y)
     assert "test_errors.py:" in str(e.value)
     with pytest.raises(fad.DTypeError, match=r"one_hot: indices must be integers, got f64\[\?\]"):

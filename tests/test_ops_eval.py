@@ -278,6 +278,47 @@ case("take_along_axis-2", lambda m, x, idx: m.take_along_axis(x, idx, axis=-1), 
 case("one_hot", lambda m, lab: m.one_hot(lab, 5), LBL5)
 case("one_hot-f32", lambda m, lab: m.one_hot(lab, 4, dtype=m.float32), L(R, high=4))
 
+# statistics, products, scans, sorting, einsum, norms (compositions of existing primitives)
+for _ax in (None, 0, 1, -1):
+    for _name in ("var", "std"):
+        case(f"{_name}-axis{_ax}", lambda m, x, _n=_name, _a=_ax: getattr(m, _n)(x, axis=_a), X3)
+    case(f"prod-static-axis{_ax}", lambda m, w, _a=_ax: m.prod(w, axis=_a), A(5, 3))
+case("prod-rows", lambda m, x: (m.prod(x, axis=1), m.prod(x, axis=-1)), X3)
+case("var-ddof-keep", lambda m, x: (m.var(x, axis=1, ddof=1, keepdims=True),
+                                    m.std(x, axis=1, ddof=1)), X3)
+case("prod-keep-3d", lambda m, x: m.prod(x, axis=(1, 2), keepdims=True), A(R, 2, 3))
+case("prod-int-bool", lambda m, a, x: (m.prod(a, axis=1), m.prod(x > 0, axis=1)),
+     L(R, 5, high=4), X3)
+case("prod-empty-axis", lambda m, w: m.prod(w, axis=1), A(3, 0))
+for _ax in (None, 1, -1):
+    case(f"cumsum-axis{_ax}", lambda m, w, _a=_ax: m.cumsum(w, axis=_a), A(4, 7))
+case("cumsum-rows-cols", lambda m, x: m.cumsum(x, axis=1), A(R, 5))
+case("cumsum-int-bool", lambda m, a, x: (m.cumsum(a, axis=1), m.cumsum(x > 0, axis=1)),
+     L(R, 6, high=4), X3)
+case("argmin", lambda m, x: (m.argmin(x, axis=-1), m.argmin(x, axis=0)), X3)
+case("argmin-int-ties", lambda m, a: m.argmin(a, axis=1), L(R, 6, high=3))
+for _n in (1, 2, 3, 5, 8, 13):
+    case(f"sort-{_n}", lambda m, x: m.sort(x, axis=1), A(R, _n))
+case("sort-axis0-static", lambda m, w: (m.sort(w, axis=0), m.sort(w, axis=None)), A(9, 2))
+case("sort-int", lambda m, a: m.sort(a, axis=-1), L(R, 7, high=4))
+case("einsum-matmul", lambda m, x: m.einsum("ij,jk->ik", x, W32), X3)
+case("einsum-matvec", lambda m, x: m.einsum("ij,j->i", x, V3), X3)
+case("einsum-transposed", lambda m, x: m.einsum("ij,kj->ki", x, W32.T), X3)
+case("einsum-gram", lambda m, x: m.einsum("ij,ik->jk", x, x), X3)
+case("einsum-rowdot", lambda m, x, y: m.einsum("ij,ij->i", x, y), X3, X3)
+case("einsum-implicit", lambda m, x: (m.einsum("ij", x), m.einsum("ji", x),
+                                      m.einsum("ij->", x)), X3)
+case("einsum-three", lambda m, x: m.einsum("ij,jk,k->i", x, W32, np.ones(2)), X3)
+case("einsum-outer", lambda m, a, b: m.einsum("i,j->ij", a, b), A(3), A(2))
+for _ord in (None, 1, 2, np.inf, -np.inf, 3):
+    case(f"norm-ord{_ord}", lambda m, x, _o=_ord: m.linalg.norm(x, ord=_o, axis=1), X3)
+case("norm-default", lambda m, x, w: (m.linalg.norm(x), m.linalg.norm(w, "fro"),
+                                      m.linalg.norm(x, axis=0, keepdims=True)), X3, A(2, 3))
+case("arange-zeros-ones", lambda m, x: (x + m.arange(3), x * m.arange(1, 7, 2),
+                                        m.zeros(3) + x,
+                                        m.ones((2, 3), dtype=m.int64) + m.sum(x > 9, axis=0),
+                                        m.ones(3, m.float32) + m.astype(x, m.float32)), X3)
+
 # dtype helpers and gradient helpers (values only)
 case("astype-f32", lambda m, x: m.astype(x, m.float32), X3)
 case("astype-labels", lambda m, lab: m.astype(lab, m.float64) * 0.5, LBL5)

@@ -494,11 +494,28 @@ def test_to_dot():
     assert 'label="d: f64[3]@CLIENTS\\nbroadcast a"' in dot
     assert "reduce_sum[axes=(0,)] g" in dot
     assert dot.count("{") == dot.count("}")
-    # server nodes sit in the server cluster, client nodes in the client one
+    # inputs in their placement's cluster; the round holds its broadcast, client work, aggregation
     server = dot.split("subgraph cluster_server")[1].split("}")[0]
     clients = dot.split("subgraph cluster_clients")[1].split("  }")[0]
-    assert '"a" [' in server and '"b" [' in clients and '"e" [' in clients
-    assert '"d" [' not in server and '"d" [' not in clients
+    round1 = dot.split("subgraph cluster_round1")[1].split("\n  }")[0]
+    assert '"a" [' in server and '"b" [' in clients and '"c" [' in clients
+    assert '"e" [' in round1.split("subgraph cluster_r1_clients")[1]
+    assert '"d" [' in round1 and '"k" [' in round1 and '"d" [' not in clients
+
+
+def test_to_dot_of_a_derivative_graph_is_laid_out_by_rounds():
+    g = fad.grad(ex.fed_mse).graph(*ex.example_args_fed_mse())
+    dot = g.to_dot()
+    assert len(g.rounds()) == 2
+    assert "subgraph cluster_round1" in dot and "subgraph cluster_round2" in dot
+    assert "cluster_round3" not in dot
+    prims = [e.prim.name for e in g.eqns]
+    assert "after" in prims and "num_clients" in prims
+    hexagons = [line for line in dot.splitlines() if "shape=hexagon" in line]
+    assert len(hexagons) == sum(p in ("broadcast", "mean", "sum") for p in prims) == 4
+    assert not any("after" in h or "num_clients" in h for h in hexagons)
+    assert ' -> "out0"' in dot and "label=" not in "".join(
+        line for line in dot.splitlines() if " -> " in line)          # no edge labels
 
 
 def test_to_dot_quotes_names():

@@ -9,20 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 import fadcore as fad
-from fadcore import pytree
-
-
-def tree_map(fn, tree, *rest):
-    """``fn`` applied leaf by leaf to trees of the same structure."""
-    leaves, treedef = pytree.flatten(tree)
-    others = []
-    for r in rest:
-        lv, td = pytree.flatten(r)
-        if td != treedef:
-            raise ValueError(f"tree_map: structures differ: {pytree.tree_str(treedef)} vs "
-                             f"{pytree.tree_str(td)}")
-        others.append(lv)
-    return pytree.unflatten(treedef, [fn(*xs) for xs in zip(leaves, *others, strict=True)])
+from fadcore import pytree  # noqa: F401
+from fadcore.pytree import tree_map
 
 
 def broadcast(tree):

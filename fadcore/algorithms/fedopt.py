@@ -58,6 +58,7 @@ class FedOpt:
         self.local_steps = int(local_steps)
         self.client_lr = float(client_lr)
         self.num_traces = 0
+        self._modes = (hypergradient_mode, weight_mode)
         self.step = fad.trace(self._step, name="fedopt_step")
         self.round_loss = fad.trace(self._round_loss, name="fedopt_round_loss")
         self.validation_loss = fad.trace(self._validation_loss, name="fedopt_validation_loss")
@@ -65,6 +66,17 @@ class FedOpt:
                                                 mode=hypergradient_mode)
         self.weight_gradient = fad.value_and_grad(self.validation_loss, argnums=1,
                                                   mode=weight_mode)
+
+    def __getstate__(self) -> dict:
+        """Pickled as its configuration; the traced functions are made (and traced) again."""
+        return {k: getattr(self, k) for k in ("model", "optimizer", "local_steps", "client_lr",
+                                               "num_traces", "_modes")}
+
+    def __setstate__(self, state: dict) -> None:
+        hyper, weight = state["_modes"]
+        self.__init__(state["model"], state["optimizer"], local_steps=state["local_steps"],
+                      client_lr=state["client_lr"], hypergradient_mode=hyper, weight_mode=weight)
+        self.num_traces = state["num_traces"]
 
     def __repr__(self) -> str:
         return (f"FedOpt({self.model.name}, {self.optimizer!r}, local_steps={self.local_steps}, "

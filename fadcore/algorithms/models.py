@@ -6,7 +6,7 @@ run inside a trace (at SERVER or at every client) and eagerly on NumPy arrays (e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -31,6 +31,15 @@ class Model:
     init_fn: Callable[[np.random.Generator], dict]
     apply: Callable
     binary: bool = False
+    #: ``(factory, args)`` that makes this model again; models pickle through it (their
+    #: ``init``/``apply`` are closures). A Model built by hand pickles if its functions do.
+    recipe: tuple | None = field(default=None, compare=False, repr=False)
+
+    def __reduce__(self):
+        if self.recipe is not None:
+            factory, args = self.recipe
+            return (factory, tuple(args))
+        return (Model, (self.name, self.num_classes, self.init_fn, self.apply, self.binary))
 
     def init(self, seed: int | np.random.Generator = 0) -> dict:
         """Initial parameters (a dict of float64 arrays), reproducible from ``seed``."""
@@ -71,7 +80,8 @@ def softmax_regression(dim: int, num_classes: int) -> Model:
     def apply(p, X):
         return X @ p["W"] + p["b"]
 
-    return Model(f"softmax_regression({dim}->{num_classes})", num_classes, init, apply)
+    return Model(f"softmax_regression({dim}->{num_classes})", num_classes, init, apply,
+                 recipe=(softmax_regression, (dim, num_classes)))
 
 
 def logistic_regression(dim: int) -> Model:
@@ -82,7 +92,8 @@ def logistic_regression(dim: int) -> Model:
     def apply(p, X):
         return X @ p["w"] + p["b"]
 
-    return Model(f"logistic_regression({dim})", 2, init, apply, binary=True)
+    return Model(f"logistic_regression({dim})", 2, init, apply, binary=True,
+                 recipe=(logistic_regression, (dim,)))
 
 
 # --------------------------------------------------------------------------- MLP
@@ -104,4 +115,5 @@ def mlp(dim: int, hidden: int, num_classes: int, activation: str = "tanh") -> Mo
     def apply(p, X):
         return act(X @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
 
-    return Model(f"mlp({dim}-{hidden}-{num_classes},{activation})", num_classes, init, apply)
+    return Model(f"mlp({dim}-{hidden}-{num_classes},{activation})", num_classes, init, apply,
+                 recipe=(mlp, (dim, hidden, num_classes, activation)))

@@ -1,8 +1,13 @@
 """Backends execute graphs: ``reference`` (NumPy oracle), ``numba`` (default), ``dask``,
-``flower``."""
+``flower``.
+
+A backend's module is imported the first time it is used (``set_default_backend``, a run) and
+only that one: ``set_default_backend("reference")`` imports neither numba nor dask.
+"""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 from .. import pytree
@@ -14,6 +19,7 @@ from .inputs import prepare_inputs
 __all__ = ["run", "run_flat", "BACKENDS", "default_backend", "set_default_backend"]
 
 _default = ["numba"]
+log = logging.getLogger("fadcore.backends")
 
 
 def default_backend() -> str:
@@ -21,8 +27,11 @@ def default_backend() -> str:
 
 
 def set_default_backend(name: str) -> None:
-    if _load(name) is None:         # imports only that backend (flwr, dask take seconds)
-        raise FadError(f"unknown backend {name!r}; choose one of {sorted(available())}")
+    """Make ``name`` the backend of traced calls and ``fad.run``; imports that backend only."""
+    if name not in _IMPORTS:
+        raise FadError(f"unknown backend {name!r}; choose one of {sorted(_IMPORTS)}")
+    if _load(name) is None:
+        raise FadError(f"backend {name!r} is not available: {_MISSING[name]}")
     _default[0] = name
 
 
@@ -70,6 +79,9 @@ def _load(name: str):
         return None
     try:
         _TABLE[name] = _IMPORTS[name]()
+        if name == "numba":
+            log.info("numba backend loaded; its first run in a fresh environment compiles the "
+                     "interpreter (tens of seconds, cached on disk afterwards)")
     except ImportError as err:
         hint = _HINTS.get(name, "")
         _MISSING[name] = f"{err}" + (f" ({hint})" if hint and hint not in str(err) else "")
@@ -108,6 +120,8 @@ def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None 
     secure = resolve(secure_aggregation, graph)
     inputs = prepare_inputs(graph, leaves, num_clients)
     check_memory(graph, inputs.rows, inputs.num_clients)      # before anything is allocated
+    log.debug("running %s (%d equations) on the %s backend, %s clients", graph.name,
+              len(graph.eqns), name, inputs.num_clients)
     if secure is not None and any(e.prim.comm is Comm.SECURE_AGGREGATE for e in graph.eqns):
         if name in ("dask", "flower"):
             return fn(graph, inputs, secure=secure, **kw)

@@ -36,8 +36,13 @@ def prepare_inputs(graph: Graph, leaves, num_clients: int | None = None) -> Inpu
     n_user = graph.num_user_inputs
     if len(leaves) != n_user:
         raise ShapeError(f"{graph.name}: expected {n_user} arguments, got {len(leaves)}")
+    if num_clients is not None and (isinstance(num_clients, bool) or not isinstance(
+            num_clients, (int, np.integer)) or num_clients < 1):
+        from ..core import at_source, user_source
+        raise CardinalityError(f"num_clients must be a positive int, got {num_clients!r}"
+                               f"{at_source(user_source())}")
     values: list = []
-    n = num_clients
+    n = None if num_clients is None else int(num_clients)
     n_from = "num_clients=" if n is not None else None
     rows = None
     rows_from = None

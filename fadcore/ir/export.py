@@ -11,9 +11,10 @@ Both views name nodes the way the printer names variables (``a``, ``b``, ...), s
   operands that are constants: position -> printed value), ``communication`` (True for
   federated primitives), ``source`` and ``index``. Edges follow the data flow; an edge carries
   ``type`` and ``args``, the operand positions it feeds (``mul f f`` gives ``args=[0, 1]``).
-- ``to_dot(g)``: Graphviz ``digraph`` text. SERVER nodes sit in a blue cluster, CLIENTS nodes
-  in a green one; communication primitives (broadcast, sum, mean, ...) are orange hexagons
-  between the clusters, so each crossing between placements is visible at a glance.
+- ``to_dot(g)``: Graphviz ``digraph`` text laid out by rounds: inputs at the top, one cluster
+  per round (server work in blue, client work in green, the broadcasts and aggregations that
+  move values between them as orange hexagons), server work after the last round at the
+  bottom; ``after`` is a dashed scheduling edge, not communication.
 """
 
 from __future__ import annotations
@@ -79,13 +80,11 @@ _STYLE = {
     "CLIENTS": 'shape=box, style="rounded,filled", fillcolor="#dcf2dc", color="#2f855a"',
     "comm": 'shape=hexagon, style="filled,bold", fillcolor="#fbd38d", color="#c05621", '
             'penwidth=2',
+    "schedule": 'shape=box, style="rounded,dashed", color="#777777"',
     "output": 'shape=box, style="rounded,filled,bold", fillcolor="#eeeeee", color="#555555"',
 }
-_CLUSTER = {
-    "SERVER": 'label="SERVER"; style="rounded,filled"; fillcolor="#f3f8fd"; color="#2b6cb0"',
-    "CLIENTS": 'label="CLIENTS (per client)"; style="rounded,filled"; fillcolor="#f2fbf2"; '
-               'color="#2f855a"',
-}
+_FILL = {"SERVER": ('"#f3f8fd"', '"#2b6cb0"'), "CLIENTS": ('"#f2fbf2"', '"#2f855a"'),
+         "round": ('"#fffaf0"', '"#c05621"')}
 
 
 def _q(s: str) -> str:
@@ -93,48 +92,96 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+def _cluster(name: str, label: str, kind: str, body: list[str], indent: str) -> list[str]:
+    fill, color = _FILL[kind]
+    out = [f"{indent}subgraph {name} {{ label={_q(label)}; style=\"rounded,filled\"; "
+           f"fillcolor={fill}; color={color};"]
+    out += [f"{indent}  {b}" for b in body]
+    out.append(f"{indent}}}")
+    return out
+
+
 def to_dot(graph: Graph) -> str:
-    """Graphviz text for ``graph``: placements as clusters, communication highlighted."""
+    """Graphviz text for ``graph``, laid out by rounds.
+
+    Server inputs sit in a SERVER cluster and client data in a CLIENTS cluster at the top; then
+    one cluster per round (see :meth:`Graph.rounds`) holding the server work that prepares it,
+    its broadcasts, the clients' work and its aggregations; server work after the last round
+    at the bottom. Only primitives that move values between placements (broadcast and the
+    aggregations) are orange hexagons with bold edges; ``after`` (a scheduling edge) is a
+    dashed box and ``num_clients`` an ordinary server node. Edges carry no labels: every node
+    shows its type."""
+    from .primitives import Comm
+    from .rounds import rounds as _rounds
+    from .types import CLIENTS
+
     name = Namer()
-    nodes = {"SERVER": [], "CLIENTS": [], "comm": [], "output": []}
-    edges: list[str] = []
+    node: dict = {}
     for v in graph.inputs:
         n = name(v)
-        nodes[_placement(v.type)].append(f"{_q(n)} [label={_q(f'{n}: {v.type}')}, "
-                                         f"{_STYLE[_placement(v.type)]}, peripheries=2];")
+        node[v] = f"{_q(n)} [label={_q(f'{n}: {v.type}')}, {_STYLE[_placement(v.type)]}, " \
+                  "peripheries=2];"
+    edges: list[str] = []
     for e in graph.eqns:
-        args = " ".join(name(a) for a in e.inputs)
+        args = " ".join(name(a) if isinstance(a, Var) else pp_literal(a) for a in e.inputs)
         n = name(e.out)
         label = f"{n}: {e.out.type}\n{e.prim.name}{_params_str(e.params)}" + (
             f" {args}" if args else "")
-        comm = e.prim.kind == "federated"
-        group = "comm" if comm else _placement(e.out.type)
+        comm = e.prim.communicates
+        group = ("comm" if comm else "schedule" if e.prim.comm is Comm.SCHEDULE
+                 else _placement(e.out.type))
         tip = f", tooltip={_q(e.source)}" if e.source else ""
-        nodes[group].append(f"{_q(n)} [label={_q(label)}, {_STYLE[group]}{tip}];")
+        node[e.out] = f"{_q(n)} [label={_q(label)}, {_STYLE[group]}{tip}];"
         seen = set()
-        for a in e.inputs:
+        for k, a in enumerate(e.inputs):
             if isinstance(a, Var) and a not in seen:
                 seen.add(a)
-                style = ', color="#c05621", penwidth=2' if comm else ""
-                edges.append(f"{_q(name(a))} -> {_q(n)} [label={_q(str(a.type))}{style}];")
+                style = (' [color="#c05621", penwidth=2]' if comm else
+                         ' [style=dashed, color="#777777"]' if group == "schedule" and k > 0
+                         else "")
+                edges.append(f"{_q(name(a))} -> {_q(n)}{style};")
+    rs = _rounds(graph)
+    lines = [f"digraph {_q(graph.name)} {{",
+             '  rankdir=TB; compound=true; nodesep=0.25; ranksep=0.35; '
+             'fontname="Helvetica";',
+             '  node [fontname="Helvetica", fontsize=10, margin="0.08,0.03"]; '
+             'edge [color="#555555", arrowsize=0.7];']
+    server_in = [node[v] for v in graph.inputs if v.type.placement is not CLIENTS]
+    client_in = [node[v] for v in graph.inputs if v.type.placement is CLIENTS]
+    if server_in:
+        lines += _cluster("cluster_server", "SERVER inputs", "SERVER", server_in, "  ")
+    if client_in:
+        lines += _cluster("cluster_clients", "CLIENTS data (each client its own)", "CLIENTS",
+                          client_in, "  ")
+    for r in rs:
+        body: list[str] = []
+        if r.prepare:
+            body += _cluster(f"cluster_r{r.index}_server", "SERVER", "SERVER",
+                             [node[e.out] for e in r.prepare], "")
+        body += [node[e.out] for e in r.broadcasts]
+        if r.client:
+            body += _cluster(f"cluster_r{r.index}_clients", "CLIENTS (per client)", "CLIENTS",
+                             [node[e.out] for e in r.client], "")
+        body += [node[e.out] for e in r.aggregations]
+        if r.update:
+            body += _cluster(f"cluster_r{r.index}_update", "SERVER", "SERVER",
+                             [node[e.out] for e in r.update], "")
+        lines += _cluster(f"cluster_round{r.index}", f"round {r.index}", "round", body, "  ")
+    if rs.final:
+        lines += _cluster("cluster_final", "SERVER", "SERVER", [node[e.out] for e in rs.final],
+                          "  ")
+    # rounds run one after the other: invisible edges keep each round below the previous one
+    for prev, nxt in zip(rs.rounds, rs.rounds[1:]):
+        first = (nxt.prepare + nxt.broadcasts + nxt.client)[:1]
+        for e in prev.aggregations if first else ():
+            edges.append(f"{_q(name(e.out))} -> {_q(name(first[0].out))} [style=invis];")
     for i, a in enumerate(graph.outputs):
         n = f"out{i}"
         text = name(a) if isinstance(a, Var) else pp_literal(a)
-        nodes["output"].append(f"{_q(n)} [label={_q(f'out {i}: {text}')}, {_STYLE['output']}, "
-                               f"tooltip={_q(str(a.type))}];")
+        lines.append(f"  {_q(n)} [label={_q(f'out {i}: {text}')}, {_STYLE['output']}, "
+                     f"tooltip={_q(str(a.type))}];")
         if isinstance(a, Var):
             edges.append(f"{_q(name(a))} -> {_q(n)};")
-    lines = [f"digraph {_q(graph.name)} {{",
-             '  rankdir=TB; compound=true; fontname="Helvetica";',
-             '  node [fontname="Helvetica", fontsize=10]; edge [fontname="Helvetica", '
-             'fontsize=8, color="#555555"];']
-    for place in ("SERVER", "CLIENTS"):
-        if nodes[place]:
-            lines.append(f"  subgraph cluster_{place.lower()} {{ {_CLUSTER[place]};")
-            lines += [f"    {s}" for s in nodes[place]]
-            lines.append("  }")
-    lines += [f"  {s}" for s in nodes["comm"] + nodes["output"]]
     lines += [f"  {s}" for s in edges]
     lines.append("}")
     return "\n".join(lines) + "\n"
-

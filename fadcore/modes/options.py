@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+from ..errors import OptionError
+
 
 class _Choice(str, enum.Enum):
     def __str__(self) -> str:
@@ -19,11 +21,12 @@ class _Choice(str, enum.Enum):
     @classmethod
     def parse(cls, value, message: str):
         """The member named by ``value`` (a member or its string), else ``ValueError(message)``
-        (``message`` may use ``{value!r}``)."""
+        (``message`` may use ``{value!r}``): a :class:`fadcore.errors.OptionError`, which is a
+        ``ValueError``."""
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(message.format(value=value)) from None
+            raise OptionError(message.format(value=value)) from None
 
 
 class Mode(_Choice):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core import bind, impl_rules, jvp_rules, transpose_rules
+from ..core import Tracer, bind, impl_rules, jvp_rules, transpose_rules
 from ..ir.local_primitives import (abs_p, add_p, convert_p, cos_p, div_p, eq_p, exp_p, expm1_p,
                                    ge_p, gt_p, le_p, log1p_p, log_p, logaddexp_p, logistic_p,
                                    lt_p, max_p, min_p, mul_p, ne_p, neg_p, pow_p, select_p,
@@ -136,8 +136,35 @@ def _safe_log(x):
     return select(eq(x, 0.0), 0.0, log(select(eq(x, 0.0), 1.0, x)))
 
 
-defjvp(pow_p, lambda tx, out, x, y: mul(tx, mul(y, pow(x, sub(y, 1.0)))),
-       lambda ty, out, x, y: mul(ty, mul(_safe_log(x), out)))
+def _integer_exponent(y):
+    """The exponent as a Python int when it is a constant integer (a literal such as the 2 of
+    ``x ** 2``, all elements equal), else None."""
+    if isinstance(y, Tracer) or is_zero(y):
+        return None
+    a = np.asarray(y)
+    if a.size == 0 or a.dtype.kind not in "fiu":
+        return None
+    v = a.flat[0]
+    if not np.all(a == v) or not np.isfinite(v) or float(v) != int(v):
+        return None
+    return int(v)
+
+
+def _pow_dx(tx, out, x, y):
+    """d/dx x**y. For a constant integer exponent n it is n x^(n-1) with the exponent a
+    constant again (x^1 and x^0 written out), so every higher derivative of ``x ** 2`` or
+    ``x ** 3`` at 0 is exact instead of forming 0 * 0^-1 = nan."""
+    n = _integer_exponent(y)
+    if n == 0:
+        return Zero(tensor_type(out))               # x ** 0 = 1: no tangent
+    if n == 1:
+        return tx
+    if n is not None:
+        return mul(tx, mul(x, float(n)) if n == 2 else mul(float(n), pow(x, float(n - 1))))
+    return mul(tx, mul(y, pow(x, sub(y, 1.0))))
+
+
+defjvp(pow_p, _pow_dx, lambda ty, out, x, y: mul(ty, mul(_safe_log(x), out)))
 
 
 def _first_wins(x, y, first: bool):

@@ -1065,13 +1065,177 @@ def _total(nst, nk, pref, c0, c1):
     return nst * (pref[nk, c1] - pref[nk, c0])
 
 
+@njit(inline="always")
+def _f32_round(po, no):
+    o = _f(po, no)
+    for j in range(no):
+        o[j] = np.float32(o[j])
+
+
+@njit(inline="always")
+def _block_each(t, op, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow, acc,
+                fns):
+    """The rows the block runs client by client but inside one call, without the
+    interpreter's per-client dispatch: aggregations (added into the chunk's accumulator row
+    in client order), vecmat/matvec/vdot of per-client operands, and binary elementwise rows
+    with a server operand as large as a client's result (a server vector beside client
+    vectors). Every client's sizes are checked before anything is written (a failing check
+    leaves the row to the per-client path, which reports it); every client computes exactly
+    what the per-client path computes (the same loops, in the same order)."""
+    p = tape[t, F_IP]
+    a = tape[t, F_A]
+    b = tape[t, F_B]
+    out = tape[t, F_OUT]
+    zero = c0 - c0
+    if op == OP_AGGREGATE:
+        mode = ip[p]
+        off = ip[p + 1]
+        extra = 1 if mode == AG_WMEAN else 0
+        for i in range(c0, c1):
+            no = _cnt(tape[t, F_NO], tape[t, F_KO], rows[i])
+            if not (off >= 0 and off + no + extra <= acc.shape[1]):
+                return ROW_EACH
+        nst = tape[t, F_NO]
+        if mode != AG_WMEAN and tape[t, F_KO] == 0 and tape[t, F_NA] == nst \
+                and tape[t, F_KA] == 0 and _span(a, nst, 0, kind, loc, ctab, rows, c0, c1):
+            # the block's values one after the other: each column summed over the clients in
+            # client order (the same additions as client by client), in a local row
+            x = _f(_addr(a, kind, loc, ctab, c0, wtab, crow, sk, pref, c0), nst * (c1 - c0))
+            tmp = np.empty(nst, dtype=np.float64)
+            for j in range(nst):
+                tmp[j] = acc[crow, off + j]
+            for i in range(c1 - c0):
+                for j in range(nst):
+                    tmp[j] += x[i * nst + j]
+            for j in range(nst):
+                acc[crow, off + j] = tmp[j]
+            return ROW_DONE
+        for i in range(c0, c1):
+            no = _cnt(tape[t, F_NO], tape[t, F_KO], rows[i])
+            x = _f(_addr(a, kind, loc, ctab, i, wtab, crow, sk, pref, c0), no)
+            if mode == AG_WMEAN:
+                w = _f(_addr(b, kind, loc, ctab, i, wtab, crow, sk, pref, c0), 1)[0]
+                for j in range(no):
+                    acc[crow, off + j] += w * x[j]
+                acc[crow, ip[p + 2]] += w
+            else:
+                for j in range(no):
+                    acc[crow, off + j] += x[j]
+        return ROW_DONE
+    if op == OP_VECMAT or op == OP_MATVEC or op == OP_VDOT:
+        for i in range(c0, c1):
+            r = rows[i]
+            na = _cnt(tape[t, F_NA], tape[t, F_KA], r)
+            nb = _cnt(tape[t, F_NB], tape[t, F_KB], r)
+            no = _cnt(tape[t, F_NO], tape[t, F_KO], r)
+            if op == OP_VECMAT:
+                dm, dk, dn = zero + 1, _dim(ip[p], r), _dim(ip[p + 1], r)
+            elif op == OP_MATVEC:
+                dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), zero + 1
+            else:
+                dm, dk, dn = zero + 1, _dim(ip[p], r), zero + 1
+            if not _dot_ok(dm, dk, dn, na, nb, no):
+                return ROW_EACH
+        dnmax = zero + 1
+        if op == OP_VECMAT:
+            for i in range(c0, c1):
+                dnmax = max(dnmax, _dim(ip[p + 1], rows[i]))
+        tmp = np.empty(dnmax, dtype=np.float64)
+        for i in range(c0, c1):
+            r = rows[i]
+            if op == OP_VECMAT:
+                dm, dk, dn = zero + 1, _dim(ip[p], r), _dim(ip[p + 1], r)
+            elif op == OP_MATVEC:
+                dm, dk, dn = _dim(ip[p], r), _dim(ip[p + 1], r), zero + 1
+            else:
+                dm, dk, dn = zero + 1, _dim(ip[p], r), zero + 1
+            pa = _addr(a, kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+            pb = _addr(b, kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+            po = _addr(out, kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+            if dm * dk * dn >= SMALL_DOT or dk == 0 or dm == 0 or dn == 0:
+                _call(fns[KI_DOT], (op, pa, pb, po, dm, dk, dn))
+            else:               # k_dot's loops, inline
+                xa = _f(pa, dm * dk)
+                xb = _f(pb, dk * dn)
+                o = _f(po, dm * dn)
+                if dn == 1:
+                    for u in range(dm):
+                        s = 0.0
+                        for q in range(dk):
+                            s += xa[u * dk + q] * xb[q]
+                        o[u] = s
+                else:           # (a local row: the same additions, vectorizable)
+                    for j in range(dn):
+                        tmp[j] = 0.0
+                    for q in range(dk):
+                        v = xa[q]
+                        for j in range(dn):
+                            tmp[j] += v * xb[q * dn + j]
+                    for j in range(dn):
+                        o[j] = tmp[j]
+            if tape[t, F_FLAGS] & FL_F32:
+                _f32_round(po, dm * dn)
+        return ROW_DONE
+    # binary elementwise: one operand a server value of a client's (static) result size
+    ost = tape[t, F_NO]
+    if tape[t, F_KO] != 0 or ost <= 1:
+        return ROW_EACH
+    tiled = -1
+    for j in range(2):
+        bj = tape[t, F_A + j]
+        if tape[t, F_NA + 2 * j] != ost or tape[t, F_KA + 2 * j] != 0:
+            return ROW_EACH
+        if kind[bj] == K_FIXED:
+            tiled = j
+    if tiled < 0:
+        return ROW_EACH
+    cl = b if tiled == 0 else a
+    if kind[cl] != K_FIXED and (op == OP_ADD or op == OP_SUB or op == OP_MUL) \
+            and _span(out, ost, 0, kind, loc, ctab, rows, c0, c1) \
+            and _span(cl, ost, 0, kind, loc, ctab, rows, c0, c1):
+        nb_ = c1 - c0
+        o = _f(_addr(out, kind, loc, ctab, c0, wtab, crow, sk, pref, c0), ost * nb_)
+        xs = _f(_addr(tape[t, F_A + tiled], kind, loc, ctab, c0, wtab, crow, sk, pref, c0),
+                ost)
+        xc = _f(_addr(cl, kind, loc, ctab, c0, wtab, crow, sk, pref, c0), ost * nb_)
+        for i in range(nb_):
+            q = i * ost
+            if op == OP_MUL:
+                for j in range(ost):
+                    o[q + j] = xc[q + j] * xs[j]
+            elif op == OP_ADD:
+                for j in range(ost):
+                    o[q + j] = xc[q + j] + xs[j] if tiled == 1 else xs[j] + xc[q + j]
+            else:
+                for j in range(ost):
+                    o[q + j] = xc[q + j] - xs[j] if tiled == 1 else xs[j] - xc[q + j]
+        if tape[t, F_FLAGS] & FL_F32:
+            for j in range(ost * nb_):
+                o[j] = np.float32(o[j])
+        return ROW_DONE
+    for i in range(c0, c1):
+        pa = _addr(a, kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+        pb = _addr(b, kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+        po = _addr(out, kind, loc, ctab, i, wtab, crow, sk, pref, c0)
+        _call(fns[KI_BINARY], (op, pa, pb, po, ost, ost, ost))
+        if tape[t, F_FLAGS] & FL_F32:
+            _f32_round(po, ost)
+    return ROW_DONE
+
+
 @njit(cache=True, error_model="numpy", nogil=True)
-def _block_row(t, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow, fns):
+def _block_row(t, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow, acc, fns):
     """Run row ``t`` for clients c0..c1-1 in one kernel call when it can: elementwise rows
     whose client operands are laid out one client after the other (server operands: single
     numbers), and matmul/matvec of a client matrix by a server operand (the block's rows
-    stacked). Returns ROW_DONE, or ROW_EACH when the row must run client by client."""
+    stacked). Rows of :func:`_block_each` run client by client inside this one call.
+    Returns ROW_DONE, or ROW_EACH when the row must run client by client."""
     op = tape[t, F_OP]
+    if tape[t, F_FLAGS] & FL_INT:
+        return ROW_EACH
+    if op == OP_AGGREGATE or op == OP_VECMAT or op == OP_VDOT:
+        return _block_each(t, op, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref,
+                           crow, acc, fns)
     elementwise = op <= OP_NE or op == OP_SELECT or op == OP_CONVERT or op == OP_COPY \
         or op == OP_ZEROS
     stacked = op == OP_MATMUL or op == OP_MATVEC
@@ -1089,11 +1253,13 @@ def _block_row(t, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow,
         b = tape[t, F_B]
         if kind[b] != K_FIXED or not _span(a, tape[t, F_NA], tape[t, F_KA], kind, loc, ctab,
                                           rows, c0, c1):
-            return ROW_EACH
+            return ROW_EACH if op == OP_MATMUL else _block_each(
+                t, op, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow, acc, fns)
         dk = ip[p + 1]
         dn = ip[p + 2] if op == OP_MATMUL else dk - dk + 1
         if dk < 0 or dn < 0 or tape[t, F_KB] != 0:
-            return ROW_EACH
+            return ROW_EACH if op == OP_MATMUL else _block_each(
+                t, op, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow, acc, fns)
         m = dk - dk
         for i in range(c0, c1):
             m += _dim(ip[p], rows[i])
@@ -1115,6 +1281,9 @@ def _block_row(t, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk, pref, crow,
             nk = tape[t, F_KA + 2 * j]
             if kind[b] == K_FIXED:
                 if nst != 1 or nk != 0:
+                    if nin == 2 and op > OP_ABS:
+                        return _block_each(t, op, tape, ip, kind, loc, ctab, rows, c0, c1,
+                                           wtab, sk, pref, crow, acc, fns)
                     return ROW_EACH
                 nn[j] = 1
             elif nst == ost and nk == ok_ and _span(b, nst, nk, kind, loc, ctab, rows, c0, c1):
@@ -1171,7 +1340,7 @@ def run_part(tape, start, stop, ip, kind, loc, ctab, rows, b0, b1, bnd, n, nchun
         c1 = bnd[blk + 1] if blk >= 0 else zero
         for t in range(start, stop):
             if c1 - c0 > 1 and _block_row(t, tape, ip, kind, loc, ctab, rows, c0, c1, wtab, sk,
-                                          pref, crow, fns) == ROW_DONE:
+                                          pref, crow, acc, fns) == ROW_DONE:
                 continue
             for i in range(c0, c1):
                 r = rows[i] if i >= 0 else zero
