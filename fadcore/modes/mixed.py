@@ -33,6 +33,7 @@ from ..errors import DifferentiationError
 from ..ir.graph import Graph, Literal, Var
 from ..ir.passes import simplify
 from ..ir.types import CLIENTS
+from ..loops import loop_p, partial_eval_loops
 from .reverse import backpropagate, linear_vars, vjp_graph
 
 MAX_PUSHFORWARD = 64
@@ -97,6 +98,9 @@ def find_boundaries(jg: Graph, lin: set) -> list[Boundary]:
                 break
             region.append(p)
             stack.extend(a for a in p.inputs if isinstance(a, Var) and a in lin)
+        if feasible and any(p.prim is loop_p for p in region):
+            feasible, why = False, "client work runs a loop (push-forward through a loop " \
+                                   "body is not supported yet)"
         if feasible and size > MAX_PUSHFORWARD:
             feasible, why = False, f"aggregate has {size} elements (> {MAX_PUSHFORWARD})"
         order = {eq: k for k, eq in enumerate(jg.eqns)}
@@ -182,6 +186,7 @@ def mixed_vjp_graph(graph: Graph, mask, *, seed="one", with_value=False, state="
     ncap = graph.meta.get("num_captured", 0)
     nuser = len(graph.inputs) - ncap
     n_t = sum(mask)
+    jg0 = partial_eval_loops(jg0, jg0.inputs[nuser:nuser + n_t])   # as vjp_graph does
     lin0 = linear_vars(jg0, jg0.inputs[nuser:nuser + n_t])
     bds = find_boundaries(jg0, lin0)
     if boundaries:

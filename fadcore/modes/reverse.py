@@ -29,6 +29,7 @@ from ..ir.passes import simplify
 from ..ir.primitives import PLAIN_AGGREGATIONS
 from ..ir.types import CLIENTS, SERVER
 from ..ops import UndefinedPrimal, is_zero
+from ..loops import partial_eval_loops
 from .forward import jvp_graph
 
 
@@ -36,7 +37,7 @@ from .forward import jvp_graph
 
 def aggregation_class(g: Graph) -> str:
     """"secure" when every clients->server flow of ``g`` is a secure_sum (or there is none)."""
-    for e in g.eqns:
+    for e, _ in g.walk():                   # loop bodies included
         if e.prim in PLAIN_AGGREGATIONS:
             return "plain"
     return "secure"
@@ -54,7 +55,7 @@ def transposed_broadcasts_as(prim):
 def broadcast_transpose_for(graph: Graph, policy) -> "ops.Primitive":
     secure = policy is not None and policy.secure
     if secure and aggregation_class(graph) != "secure":
-        bad = sorted({e.prim.name for e in graph.eqns
+        bad = sorted({e.prim.name for e, _ in graph.walk()
                       if e.prim in PLAIN_AGGREGATIONS})
         raise ClosureError(
             f"policy {policy} allows only secure_sum for clients->server flows, but {graph.name} "
@@ -125,6 +126,7 @@ def vjp_graph(graph: Graph, mask: list[bool], *, seed: str = "barrier", with_val
     jg = jvp_graph(graph, mask)
     n_t = sum(mask)
     tan_vars = jg.inputs[nuser:nuser + n_t]
+    jg = partial_eval_loops(jg, tan_vars)      # loops: a known loop and a linear loop each
     if rewrite is not None:
         jg = rewrite(jg, nuser, n_t, nout)
         tan_vars = jg.inputs[nuser:nuser + n_t]
