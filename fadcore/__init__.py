@@ -20,6 +20,7 @@ from .errors import (CardinalityError, ClosureError, DifferentiationError, DType
                      SecureAggregationError, SerializationError, ShapeError, TracingError,
                      VerificationError)
 from .federated import broadcast, map, mean, num_clients, secure_sum, sum, weighted_mean
+from .loops import fori_loop, scan
 from .ir.graph import Graph
 from .ir.types import (CLIENTS, SERVER, DType, FederatedType, Placement, TensorType, bool_,
                        f32, f64, i32, i64)
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "trace", "TracedFunction", "RetraceWarning", "Graph", "run", "clients", "ClientValues",
     "broadcast", "sum", "mean", "weighted_mean", "secure_sum", "num_clients", "map",
+    "fori_loop", "scan",
     "SERVER", "CLIENTS", "Placement", "TensorType", "FederatedType", "DType",
     "f64", "f32", "i64", "i32", "bool_", "numpy", "nn",
     "FadError", "PlacementError", "ShapeError", "DTypeError", "ClosureError",

@@ -56,4 +56,9 @@ def audit(graph: Graph, policy: Policy) -> list[str]:
             src = f" (from {e.source})" if e.source else ""
             out.append(f"equation {k}: {name(e.out)} = {e.prim.name} ... is a clients->server "
                        f"flow that {policy} forbids{src}")
+    for e, where in graph.walk():        # inside loop bodies
+        if where and not policy.allows(e.prim.name):
+            src = f" (from {e.source})" if e.source else ""
+            out.append(f"{where}: {e.prim.name} ... is a clients->server flow that {policy} "
+                       f"forbids{src}")
     return out

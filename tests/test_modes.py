@@ -102,6 +102,10 @@ RULES = {
         fnp.mean(_h(w, X), axis=0), fnp.sum(_pos(w, X)) / 10) ** 2),
     "num_clients": lambda w, X, lab: fad.sum(fnp.sum(_h(w, X))) / fad.num_clients(),
     "after": lambda w, X, lab: _out(ops.after(_h(w, X), fad.broadcast(w)[0])),
+    # two local steps in a loop carrying (model, per-row state); the index scales the step
+    "loop": lambda w, X, lab: _out(fad.fori_loop(0, 2, lambda i, c: (
+        c[0] * 0.9 + 0.1 * fnp.transpose(fnp.tanh(X @ c[0])) @ X * fnp.astype(i + 1, fnp.float64),
+        c[1] + fnp.sum(fnp.tanh(X @ c[0]))), (fad.broadcast(w), fnp.sum(X) * 0.0))[0]),
 }
 
 NOT_SMOOTH = {"abs", "max", "min", "sign", "lt", "le", "gt", "ge", "eq", "ne", "select",

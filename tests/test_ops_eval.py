@@ -668,6 +668,26 @@ def test_after_orders_without_changing_values(ragged):
     assert "after" in g.graph(np.ones(3), X).primitives()
 
 
+def _looped(x):
+    """A server and a client loop: x <- tanh(x) * 1.5 + i, three times."""
+    return fad.fori_loop(0, 3, lambda i, v: fnp.tanh(v) * 1.5 + fnp.astype(i, fnp.float64), x)
+
+
+def test_loop_evaluates_like_a_python_loop():
+    x = np.linspace(-1.0, 1.0, 6).reshape(2, 3)
+    want = x
+    for i in range(3):
+        want = np.tanh(want) * 1.5 + i
+    f = fad.trace(_looped)
+    np.testing.assert_allclose(f.run(x, backend="reference"), want, rtol=1e-15)
+    got = f.run(fad.clients([x, 2 * x]), backend="reference")
+    want2 = 2 * x
+    for i in range(3):
+        want2 = np.tanh(want2) * 1.5 + i
+    np.testing.assert_allclose(got[0], want, rtol=1e-15)
+    np.testing.assert_allclose(got[1], want2, rtol=1e-15)
+
+
 # --------------------------------------------------------------------------- registry walk
 
 def _all_graphs():
@@ -685,6 +705,7 @@ def _all_graphs():
                                ops.untake(x, np.array([0, 1, 1, 2]), 0, 3),
                                ops.untake_along_axis(x, np.zeros((4, 3), np.int64), 1, 3),
                                ops.after(x, x))).graph(y)
+    yield fad.trace(_looped).graph(y)
 
 
 def test_every_primitive_is_evaluated():

@@ -68,6 +68,12 @@ EXAMPLES: dict[str, tuple[list[str], dict]] = {
     "after": (["f64[2]@SERVER", "f64[]@SERVER"], {}),
 }
 
+# a loop applying an identity body (loops are built by fad.fori_loop/fad.scan; tests/test_loops.py)
+_i, _c = Var(parse_type("i64[]@SERVER")), Var(parse_type("f64[3]@SERVER"))
+EXAMPLES["loop"] = (["i64[]@SERVER", "i64[]@SERVER", "f64[3]@SERVER"],
+                    {"body": Graph([_i, _c], [], [_c], name="body"), "num_carry": 1,
+                     "num_xs": 0, "length": None, "reverse": False, "out": 0})
+
 INTS = (-(2**63), -(2**31), -9, -3, -2, -1, 0, 1, 2, 3, 4, 5, 9, 2**31 - 1, 2**31, 2**62,
         2**63 - 1)
 NON_INTS = (0.0, 1.0, -1.0, 0.5, True, False, None, "0", np.float64(1.0), fad.f64, fad.SERVER)

@@ -122,12 +122,42 @@ def run_flat(graph, leaves, backend: str | None = None, num_clients: int | None 
     check_memory(graph, inputs.rows, inputs.num_clients)      # before anything is allocated
     log.debug("running %s (%d equations) on the %s backend, %s clients", graph.name,
               len(graph.eqns), name, inputs.num_clients)
+    if _loop_backend(graph, name) != name:
+        if secure is not None:
+            from ..errors import LoweringError
+            raise LoweringError("secure aggregation of a graph with loops is not supported "
+                                "yet (fad.fori_loop/fad.scan); run it with "
+                                "secure_aggregation=False")
+        from .reference import execute
+        return execute(graph, inputs)        # backend options (dask's client=...) do not apply
     if secure is not None and any(e.prim.comm is Comm.SECURE_AGGREGATE for e in graph.eqns):
         if name in ("dask", "flower"):
             return fn(graph, inputs, secure=secure, **kw)
         from . import inprocess
         return inprocess.execute(graph, inputs, evaluator=name, secure=secure, **kw)
     return fn(graph, inputs, **kw)
+
+
+_loop_note: list = []
+
+#: primitives the numba backend hands (with the whole graph) to the reference evaluator
+ON_REFERENCE = frozenset({"loop"})
+
+
+def _loop_backend(graph, name: str) -> str:
+    """Loops (fad.fori_loop/fad.scan) run on the reference evaluator for now, whatever the
+    backend: the numba tape has no loop instructions and the round executor no looped rounds
+    yet. Noted once per backend in the "fadcore" logger."""
+    from ..loops import has_loops
+    if name == "reference" or not has_loops(graph):
+        return name
+    if name not in _loop_note:
+        _loop_note.append(name)
+        import logging
+        logging.getLogger("fadcore").warning(
+            "fadcore: graphs with loops run on the reference evaluator (the %s backend has no "
+            "loop support yet)", name)
+    return "reference"
 
 
 def run(graph, *args, backend: str | None = None, num_clients: int | None = None,

@@ -28,7 +28,9 @@ class Inputs:
 def _uses_clients(graph: Graph) -> bool:
     """Whether running the graph needs the number of clients (num_clients counts them too)."""
     return any(v.type.placement is CLIENTS for v in graph.inputs) or any(
-        e.out.type.placement is CLIENTS or (e.prim.comm is not Comm.LOCAL and e.prim.comm is not Comm.SCHEDULE)
+        e.out.type.placement is CLIENTS or (
+            _uses_clients(e.params["body"]) if e.prim.name == "loop"
+            else e.prim.comm is not Comm.LOCAL and e.prim.comm is not Comm.SCHEDULE)
         for e in graph.eqns)
 
 

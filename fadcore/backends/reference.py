@@ -82,9 +82,27 @@ def _resolve(prim, params, rows_i):
     return out
 
 
+#: primitives evaluated with their equation (loops, which run a body graph):
+#: ``rule(eqn, args, n, rows, memo) -> value``; ``memo`` lives for one evaluation.
+eqn_impls = {}
+
+
 def execute(graph: Graph, inputs: Inputs) -> list:
     n, rows = inputs.num_clients, inputs.rows
-    env = dict(zip(graph.inputs, inputs.values))
+    values = evaluate(graph, inputs.values, n, rows)
+    outs = []
+    for v, t in zip(values, graph.out_types):
+        if t.placement is CLIENTS:
+            outs.append(ClientValues([np.asarray(m) for m in v], all_equal=t.all_equal))
+        else:
+            outs.append(np.asarray(v, dtype=t.dtype.np))
+    return outs
+
+
+def evaluate(graph: Graph, values: list, n, rows) -> list:
+    """The graph's outputs (server arrays, lists of per-client arrays) from its inputs'."""
+    env = dict(zip(graph.inputs, values, strict=True))
+    memo: dict = {}
 
     def read(a):
         return a.value if isinstance(a, Literal) else env[a]
@@ -101,7 +119,9 @@ def execute(graph: Graph, inputs: Inputs) -> list:
             continue
         args = [read(a) if j == 0 or e.prim.name != "after" else None
                 for j, a in enumerate(e.inputs)]
-        if e.prim.kind == "federated":
+        if e.prim in eqn_impls:
+            env[e.out] = eqn_impls[e.prim](e, args, n, rows, memo)
+        elif e.prim.kind == "federated":
             if e.prim in _AGGREGATIONS:
                 ints = e.prim.name in _INT_ARITH
                 env[e.out] = _cast(fed_impls[e.prim](n, rows, *[_widen(a, ints) for a in args]),
@@ -131,14 +151,7 @@ def execute(graph: Graph, inputs: Inputs) -> list:
         for a in e.inputs:
             if last.get(a) == k:
                 env.pop(a, None)
-    outs = []
-    for a, t in zip(graph.outputs, graph.out_types):
-        v = read(a)
-        if t.placement is CLIENTS:
-            outs.append(ClientValues([np.asarray(m) for m in v], all_equal=t.all_equal))
-        else:
-            outs.append(np.asarray(v, dtype=t.dtype.np))
-    return outs
+    return [read(a) for a in graph.outputs]
 
 
 def _needed(graph: Graph) -> set:

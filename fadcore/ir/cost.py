@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CardinalityError, FadError, ShapeError
-from .graph import Graph
+from .graph import Graph, Literal
 from .primitives import COMMUNICATION, Comm, CostClass
 from .rounds import rounds as decompose
+from .rounds import body_depth, trips
 from .types import CLIENTS
 
 
@@ -34,6 +35,9 @@ class CostReport:
     per_round: list = field(default_factory=list)   # (round, bytes_down, bytes_up, state_in)
     name: str = ""
     secure: dict = field(default_factory=dict)      # what secure aggregation adds (if on)
+    # one entry per loop: trips (an int, or "per client"/"run time" as given) and one step's
+    # cost; the totals above include trips x step (one step for counts known only at run time)
+    loops: list = field(default_factory=list)
 
     @property
     def bytes_down_total(self) -> int:
@@ -177,5 +181,30 @@ def cost(graph: Graph, clients: int = 1, rows: int | None = None,
             cflops += f
         else:
             sflops += f
+    loops = []
+    seen = set()
+    for k, e in enumerate(graph.eqns):        # loops: trips x one step of their body
+        body = e.params.get("body")
+        if not isinstance(body, Graph):
+            continue
+        key = (id(body), tuple(a.key() if isinstance(a, Literal) else id(a)
+                               for a in e.inputs))        # one loop, several results
+        if key in seen:
+            continue
+        seen.add(key)
+        step = cost(body, clients, rows)
+        n = trips(e)
+        per_client = e.inputs[1].type.placement is CLIENTS if hasattr(e.inputs[1].type,
+                                                                      "placement") else False
+        given = n if n is not None else ("per client" if per_client else "run time")
+        times = n if n is not None else 1
+        down += times * step.bytes_down
+        up += times * step.bytes_up
+        cflops += times * step.client_flops
+        sflops += times * step.server_flops
+        loops.append(dict(equation=k, trips=given, rounds_per_step=body_depth(body),
+                          bytes_down_per_step=step.bytes_down, bytes_up_per_step=step.bytes_up,
+                          client_flops_per_step=step.client_flops,
+                          server_flops_per_step=step.server_flops))
     return CostReport(len(rs) + (1 if secure_on else 0), down, up, state, sflops, cflops,
-                      graph.primitives(), clients, rows, per_round, graph.name, secure)
+                      graph.primitives(), clients, rows, per_round, graph.name, secure, loops)

@@ -183,11 +183,23 @@ class Graph:
                 f"{len(self.outputs)} outputs>")
 
     def primitives(self) -> dict[str, int]:
-        """Primitive name -> number of equations using it."""
+        """Primitive name -> number of equations using it (loop bodies included, each once)."""
         counts: dict[str, int] = {}
-        for e in self.eqns:
+        for e, _ in self.walk():
             counts[e.prim.name] = counts.get(e.prim.name, 0) + 1
         return dict(sorted(counts.items()))
+
+    def walk(self, _path: str = "", _seen: set | None = None):
+        """Every equation with where it is: ``""`` at the top, ``"body of equation 3"`` (and
+        so on, nested) inside the graphs equations hold (loop bodies, each visited once)."""
+        seen = set() if _seen is None else _seen
+        for k, e in enumerate(self.eqns):
+            yield e, _path
+            body = e.params.get("body")
+            if isinstance(body, Graph) and id(body) not in seen:
+                seen.add(id(body))
+                inner = f"body of equation {k} ({e.prim.name})" + (f", {_path}" if _path else "")
+                yield from body.walk(inner, seen)
 
     def verify(self) -> "Graph":
         from .verifier import verify

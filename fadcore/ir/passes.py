@@ -76,10 +76,43 @@ def canonical_rows(g: Graph) -> Graph:
 
 
 def simplify(g: Graph) -> Graph:
-    """CSE then DCE, until nothing changes."""
+    """CSE then DCE, until nothing changes; also inside loop bodies."""
     g = checked("canonical_rows", canonical_rows(g))
     while True:
         n = len(g.eqns)
         g = checked("dce", dce(checked("cse", cse(g))))
         if len(g.eqns) == n:
-            return g
+            return simplify_bodies(g)
+
+
+def simplify_bodies(g: Graph, memo: dict | None = None) -> Graph:
+    """Simplify the body graph of every equation holding one (loops), keeping its inputs and
+    outputs; equations sharing a body keep sharing the simplified one."""
+    memo = {} if memo is None else memo
+    changed = False
+    eqns = []
+    for e in g.eqns:
+        body = e.params.get("body")
+        if isinstance(body, Graph):
+            hit = memo.get(id(body))
+            if hit is None:
+                hit = memo[id(body)] = (body, _simplify_body(body))
+            new = hit[1]
+            if new is not body:
+                e = Eqn(e.prim, e.inputs, e.out, {**e.params, "body": new}, e.source)
+                changed = True
+        eqns.append(e)
+    return g.replace(eqns=eqns) if changed else g
+
+
+def _simplify_body(body: Graph) -> Graph:
+    g = body
+    while True:
+        n = len(g.eqns)
+        g = dce(cse(g))
+        if len(g.eqns) == n:
+            break
+    g = simplify_bodies(g)
+    if len(g.eqns) == len(body.eqns) and all(a is b for a, b in zip(g.eqns, body.eqns)):
+        return body
+    return g

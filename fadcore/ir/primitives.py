@@ -56,6 +56,7 @@ class Comm(enum.Enum):
     SECURE_AGGREGATE = "secure_aggregate"  # CLIENTS -> SERVER, by secure aggregation
     SCHEDULE = "schedule"                  # orders the schedule only (after)
     CARDINALITY = "cardinality"            # reads the number of clients (num_clients)
+    CONTROL = "control"                    # runs a body graph (loop): communicates as it does
 
 
 AGGREGATE_KINDS = frozenset({Comm.AGGREGATE, Comm.SECURE_AGGREGATE})

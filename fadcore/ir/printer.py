@@ -89,13 +89,52 @@ def pp_context(g: Graph, k: int, around: int = 3) -> str:
     return "\n".join(lines)
 
 
-def pp_graph(g: Graph) -> str:
+def result_group(e) -> tuple | None:
+    """Equations that are results of one multi-result application (a loop: equations sharing
+    a body graph, params and operands, told apart by their ``out`` param) share this key."""
+    body = e.params.get("body")
+    if not isinstance(body, Graph) or "out" not in e.params:
+        return None
+    rest = tuple(sorted((k, repr(v)) for k, v in e.params.items() if k not in ("body", "out")))
+    return (e.prim.name, id(body), rest,
+            tuple(a.key() if isinstance(a, Literal) else id(a) for a in e.inputs))
+
+
+def pp_graph(g: Graph, indent: int = 0) -> str:
     name = Namer()
+    pad = " " * indent
     ins = " ".join(f"{name(v)}:{v.type}" for v in g.inputs)
-    lines = [f"{{ lambda {ins} ."]
-    for k, e in enumerate(g.eqns):
-        prefix = "  let " if k == 0 else "      "
+    lines = [f"{pad}{{ lambda {ins} ."]
+    groups: dict = {}
+    for e in g.eqns:
+        k = result_group(e)
+        if k is not None:
+            groups.setdefault(k, []).append(e)
+    done = set()
+    for e in g.eqns:
+        prefix = f"{pad}  let " if len(lines) == 1 else f"{pad}      "
+        k = result_group(e)
+        if k is not None:
+            if k in done:
+                continue
+            done.add(k)
+            lines.extend(_pp_group(groups[k], name, prefix))
+            continue
         lines.append(prefix + pp_eqn(e, name))
     outs = ", ".join(name(a) for a in g.outputs)
-    lines.append(f"  in ( {outs} ) }}")
+    lines.append(f"{pad}  in ( {outs} ) }}")
     return "\n".join(lines)
+
+
+def _pp_group(members: list, name: Namer, prefix: str) -> list[str]:
+    """A multi-result equation: ``a:T _ c:U = loop[...] args`` then its body, indented."""
+    e = members[0]
+    body = e.params["body"]
+    by_out = {m.params["out"]: m for m in members}
+    lhs = " ".join(f"{name(by_out[j].out)}:{by_out[j].out.type}" if j in by_out else "_"
+                   for j in range(len(body.outputs)))
+    params = ", ".join(f"{k}={pp_param(v)}" for k, v in e.params.items()
+                       if k not in ("body", "out"))
+    args = " ".join(name(a) for a in e.inputs)
+    head = f"{prefix}{lhs} = {e.prim.name}[{params}]{' ' + args if args else ''}"
+    return [head, pp_graph(body, indent=len(prefix) + 2)]

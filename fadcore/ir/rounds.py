@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .graph import Eqn, Graph, Var
+from .graph import Eqn, Graph, Literal, Var
 from .primitives import Comm
 from .types import CLIENTS
 
@@ -24,8 +24,33 @@ def stages(g: Graph) -> dict[Var, int]:
     st: dict[Var, int] = {v: 0 for v in g.inputs}
     for e in g.eqns:
         s = max((st[a] for a in e.inputs if isinstance(a, Var)), default=0)
-        st[e.out] = s + 1 if e.prim.is_aggregation else s
+        if e.prim.is_aggregation:
+            s += 1
+        elif isinstance(e.params.get("body"), Graph):     # a loop: its body's rounds, per step
+            d = body_depth(e.params["body"])
+            s += d * (trips(e) or 0) if d else 0
+        st[e.out] = s
     return st
+
+
+def trips(e) -> int | None:
+    """A loop equation's static trip count (None: known only at run time, e.g. per client)."""
+    if e.params.get("length") is not None:
+        return e.params["length"]
+    lo, hi = e.inputs[0], e.inputs[1]
+    if isinstance(lo, Literal) and isinstance(hi, Literal):
+        return max(0, int(hi.value) - int(lo.value))
+    return None
+
+
+def body_depth(body: Graph) -> int:
+    """The rounds one step of a loop body takes (0 for local work)."""
+    hit = body._lowered.get("rounds-depth")
+    if hit is None:
+        st = stages(body)
+        hit = body._lowered["rounds-depth"] = max(
+            (st[a] for a in body.outputs if isinstance(a, Var)), default=0)
+    return hit
 
 
 def resident(g: Graph) -> set:
@@ -42,6 +67,9 @@ def eqn_round(e: Eqn, st: dict) -> int:
     """The round an equation runs in (0: server work before any round)."""
     if e.prim.is_aggregation:
         return st[e.out]
+    body = e.params.get("body")
+    if isinstance(body, Graph) and body_depth(body) and e.out.type.placement is not CLIENTS:
+        return st[e.out]            # a loop whose body communicates ends in its last round
     if e.out.type.placement is CLIENTS or e.prim.comm is Comm.BROADCAST:
         return st[e.out] + 1
     return 0

@@ -30,6 +30,10 @@ The format (version 1)::
 - Literals: ``dtype`` + ``shape`` + either ``data`` (a flat row-major list, used for small
   finite literals) or ``base64`` (little-endian bytes, exact for every value incl. NaN).
 - Pytree definitions use :func:`fadcore.pytree.to_json`.
+- Graphs held in params (loop bodies) are written once in an optional top-level ``"graphs"``
+  list (each entry has the fields of a graph without ``format``/``version``/``graphs``) and
+  referenced as ``["graph", k]``; an entry may only reference earlier entries (no cycles),
+  nesting is at most ``LIMITS["graph_depth"]`` deep, and every entry is verified.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import base64
 import binascii
 import json
 import math
+import contextvars
 import re
 from typing import Any
 
@@ -76,7 +81,12 @@ LIMITS = {
     "bytes": 2**32,
     "clients": 1,
     "rows": 1,
+    "graphs": 10_000,              # graphs held in params (loop bodies), at any depth
+    "graph_depth": 16,             # nesting of graphs in graphs
 }
+
+# the graphs table of the document being written or read (graphs held in params)
+_GRAPHS: contextvars.ContextVar = contextvars.ContextVar("fad_serialize_graphs")
 
 _INT64 = (-(2**63), 2**63 - 1)
 _LIST_DATA_MAX = 64                # literals up to this size may be written as a list
@@ -189,6 +199,8 @@ def _enc_value(v: Any, where: str, depth: int = 0) -> Any:
         return ["placement", v.name]
     if isinstance(v, FederatedType):
         return ["type", str(v)]
+    if isinstance(v, Graph):
+        return ["graph", _graph_ref(v, where)]
     if isinstance(v, (tuple, list, dict)) and len(v) > LIMITS["items"]:
         raise _fail(where, f"{len(v)} items (at most {LIMITS['items']})")
     if isinstance(v, tuple) and not hasattr(v, "_fields"):
@@ -240,6 +252,15 @@ def _dec_value(obj: Any, where: str, depth: int = 0) -> Any:
         return PLACEMENTS[x]
     if tag == "type":
         return parse_type(x, where)
+    if tag == "graph":
+        table = _GRAPHS.get(None)
+        if table is None or not (isinstance(x, int) and not isinstance(x, bool)
+                                 and 0 <= x < len(table["graphs"])):
+            n = 0 if table is None else len(table["graphs"])
+            raise _fail(where, f"graph {_short(x)} is not an earlier entry of \"graphs\" "
+                               f"({n} so far)")
+        table["refs"].append(x)
+        return table["graphs"][x]
     if isinstance(x, (list, dict)) and len(x) > LIMITS["items"]:
         raise _fail(where, f"{len(x)} items (at most {LIMITS['items']})")
     if tag in ("tuple", "list") and isinstance(x, list):
@@ -350,6 +371,47 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
     Whatever it writes, :func:`from_json` reads back: the same limits apply to both."""
     if not isinstance(graph, Graph):
         raise SerializationError(f"to_json: expected a fad.Graph, got {type(graph).__name__}")
+    table = {"graphs": [], "index": {}, "depth": 0, "keep": []}
+    token = _GRAPHS.set(table)
+    try:
+        doc = {"format": FORMAT, "version": VERSION, **_enc_graph(graph)}
+    finally:
+        _GRAPHS.reset(token)
+    if table["graphs"]:
+        if len(table["graphs"]) > LIMITS["graphs"]:
+            raise _fail("graphs", f"{len(table['graphs'])} entries (at most {LIMITS['graphs']})")
+        doc["graphs"] = table["graphs"]
+    text = json.dumps(doc, indent=indent, allow_nan=False)    # ASCII: chars == bytes
+    if len(text) > LIMITS["text_bytes"]:
+        raise SerializationError(f"the graph's JSON would be {len(text)} characters "
+                                 f"(at most {LIMITS['text_bytes']})")
+    return text
+
+
+def _graph_ref(g: Graph, where: str) -> int:
+    """The index of ``g`` in the graphs table being written (written first if new)."""
+    table = _GRAPHS.get(None)
+    if table is None:
+        raise _fail(where, "a graph can only be serialized as a param of a graph being written")
+    k = table["index"].get(id(g))
+    if k is None:
+        if table["depth"] >= LIMITS["graph_depth"]:
+            raise _fail(where, f"graphs nested more than {LIMITS['graph_depth']} deep")
+        table["depth"] += 1
+        try:
+            d = _enc_graph(g)
+        finally:
+            table["depth"] -= 1
+        k = table["index"][id(g)] = len(table["graphs"])
+        table["graphs"].append(d)
+        table["keep"].append(g)        # ids stay valid while writing
+    return k
+
+
+def _enc_graph(graph: Graph) -> dict:
+    """The fields of one graph (without format and version)."""
+    if not isinstance(graph, Graph):
+        raise SerializationError(f"to_json: expected a fad.Graph, got {type(graph).__name__}")
     _check_str(graph.name, "name", "graph name")
     index: dict[Var, int] = {}
     type_strs: dict[FederatedType, str] = {}
@@ -406,8 +468,6 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
         eqns.append(d)
     outputs = [operand(a, f"outputs[{i}]") for i, a in enumerate(graph.outputs)]
     doc = {
-        "format": FORMAT,
-        "version": VERSION,
         "name": graph.name,
         "inputs": inputs,
         "literals": lits,
@@ -420,11 +480,7 @@ def to_json(graph: Graph, indent: int | None = None) -> str:
     for key in ("inputs", "eqns", "outputs", "literals"):
         if len(doc[key]) > LIMITS[key]:
             raise _fail(key, f"{len(doc[key])} entries (at most {LIMITS[key]})")
-    text = json.dumps(doc, indent=indent, allow_nan=False)    # ASCII: chars == bytes
-    if len(text) > LIMITS["text_bytes"]:
-        raise SerializationError(f"the graph's JSON would be {len(text)} characters "
-                                 f"(at most {LIMITS['text_bytes']})")
-    return text
+    return doc
 
 
 def _enc_tree(tree, where: str):
@@ -537,6 +593,15 @@ def _check_memory(graph: Graph, clients: int, rows: int) -> None:
     limit = LIMITS["bytes"]
     if limit is None or not graph.eqns:
         return
+    seen = set()
+    for e in graph.eqns:               # loop bodies: each within the limit on its own too
+        body = e.params.get("body")
+        if isinstance(body, Graph) and id(body) not in seen:
+            seen.add(id(body))
+            try:
+                _check_memory(body, clients, rows)
+            except SerializationError as err:
+                raise SerializationError(f"the body of {e.prim.name}: {err}") from None
     peak, step = peak_bytes(graph, rows, clients)
     if peak > limit:
         k = largest_live(graph, step, rows, clients)
@@ -556,7 +621,37 @@ def _build(doc: Any) -> Graph:
         raise SerializationError(
             f"unsupported fadcore graph version {_short(version)}: this fadcore reads version "
             f"{VERSION}")
-    _keys(doc, "graph", required=_TOP_KEYS)
+    _keys(doc, "graph", required=_TOP_KEYS, optional=("graphs",))
+    table = {"graphs": [], "depths": [], "refs": []}
+    token = _GRAPHS.set(table)
+    try:
+        total = 0
+        for k, sub in enumerate(_list(doc.get("graphs", []), "graphs", "graphs")):
+            table["refs"] = []
+            try:
+                _keys(sub, "", required=_SUB_KEYS)
+                g = _build_graph(sub)
+            except SerializationError as err:
+                raise SerializationError(f"graphs[{k}]: {err}") from None
+            depth = 1 + max((table["depths"][r] for r in table["refs"]), default=0)
+            if depth > LIMITS["graph_depth"]:
+                raise _fail(f"graphs[{k}]", f"graphs nested more than {LIMITS['graph_depth']} "
+                                            "deep")
+            total += len(g.eqns)
+            if total > LIMITS["eqns"]:
+                raise _fail("graphs", f"more than {LIMITS['eqns']} equations in all")
+            table["graphs"].append(g)
+            table["depths"].append(depth)
+        table["refs"] = []
+        return _build_graph(doc)
+    finally:
+        _GRAPHS.reset(token)
+
+
+_SUB_KEYS = tuple(k for k in _TOP_KEYS if k not in ("format", "version"))
+
+
+def _build_graph(doc: dict) -> Graph:
     name = _check_str(doc["name"], "name", "graph name")
     seen_types: dict[str, FederatedType] = {}
 

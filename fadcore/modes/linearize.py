@@ -59,8 +59,11 @@ def linear_vars(g: Graph, tangent_inputs) -> set:
 def linearize(graph: Graph, mask: list[bool]) -> Linearized:
     """Split the JVP of ``graph`` (w.r.t. the inputs selected by ``mask``) into its known and
     linear graphs."""
+    from ..loops import partial_eval_loops
     jg = jvp_graph(graph, mask)
     nuser, n_t, nout = graph.num_user_inputs, sum(mask), len(graph.outputs)
+    # loops: each JVP loop becomes a known loop (stacking residuals) and a linear loop
+    jg = partial_eval_loops(jg, jg.inputs[nuser:nuser + n_t])
     tangent_in = jg.inputs[nuser:nuser + n_t]
     lin = linear_vars(jg, tangent_in)
     known_eqns = [e for e in jg.eqns if e.out not in lin]

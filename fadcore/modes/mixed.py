@@ -34,6 +34,7 @@ from ..ir.checks import checked
 from ..ir.graph import Graph, Literal, Var
 from ..ir.passes import simplify
 from ..ir.types import CLIENTS
+from ..loops import loop_p
 from .linearize import linearize
 from .options import Choice, Seed, State
 from .reverse import reverse_from
@@ -104,6 +105,9 @@ def find_boundaries(linear: Graph, lin: set) -> list[Boundary]:
                 break
             region.append(p)
             stack.extend(a for a in p.inputs if isinstance(a, Var) and a in lin)
+        if feasible and any(p.prim is loop_p for p in region):
+            feasible, why = False, "client work runs a loop (push-forward through a loop " \
+                                   "body is not supported yet)"
         if feasible and size > MAX_PUSHFORWARD:
             feasible, why = False, f"aggregate has {size} elements (> {MAX_PUSHFORWARD})"
         region.sort(key=order.__getitem__)

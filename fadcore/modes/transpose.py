@@ -27,7 +27,7 @@ from .options import AggregationClass
 
 def aggregation_class(g: Graph) -> AggregationClass:
     """SECURE when every clients->server flow of ``g`` is a secure_sum (or there is none)."""
-    for e in g.eqns:
+    for e, _ in g.walk():                   # loop bodies included
         if e.prim in PLAIN_AGGREGATIONS:
             return AggregationClass.PLAIN
     return AggregationClass.SECURE
@@ -39,7 +39,7 @@ def broadcast_transpose_for(graph: Graph, policy) -> Primitive:
     secure = policy is not None and policy.secure
     cls = aggregation_class(graph)
     if secure and cls is not AggregationClass.SECURE:
-        bad = sorted({e.prim.name for e in graph.eqns if e.prim in PLAIN_AGGREGATIONS})
+        bad = sorted({e.prim.name for e, _ in graph.walk() if e.prim in PLAIN_AGGREGATIONS})
         raise ClosureError(
             f"policy {policy} allows only secure_sum for clients->server flows, but {graph.name} "
             f"already aggregates with {', '.join(bad)}; no derivative can satisfy the policy")
