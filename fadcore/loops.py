@@ -973,6 +973,8 @@ def _register_rules() -> None:
     jvp_rules[loop_p] = _loop_jvp
     _loop_transpose.uses_context = True     # receives the pass's TransposeContext
     transpose_rules[loop_p] = _loop_transpose
+    from .modes.linearize import JVP_SPLITTERS
+    JVP_SPLITTERS.append(partial_eval_loops)
 
 
 _register_rules()

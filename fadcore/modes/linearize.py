@@ -24,6 +24,13 @@ from ..ir.graph import Graph, Var
 from .forward import jvp_graph
 
 
+#: Rewrites ``(jvp_graph, tangent_inputs) -> graph`` applied before the split, for primitives
+#: that hold a body graph and must be split inside it. :mod:`fadcore.loops` registers
+#: ``partial_eval_loops`` here: the loop primitive lives above ``modes/`` (its rules call the
+#: passes, as JAX's control flow calls its interpreters), so ``modes/`` does not import it.
+JVP_SPLITTERS: list = []
+
+
 @dataclass(frozen=True)
 class Linearized:
     """A primal graph's known and linear graphs (see the module docstring)."""
@@ -59,11 +66,10 @@ def linear_vars(g: Graph, tangent_inputs) -> set:
 def linearize(graph: Graph, mask: list[bool]) -> Linearized:
     """Split the JVP of ``graph`` (w.r.t. the inputs selected by ``mask``) into its known and
     linear graphs."""
-    from ..loops import partial_eval_loops
     jg = jvp_graph(graph, mask)
     nuser, n_t, nout = graph.num_user_inputs, sum(mask), len(graph.outputs)
-    # loops: each JVP loop becomes a known loop (stacking residuals) and a linear loop
-    jg = partial_eval_loops(jg, jg.inputs[nuser:nuser + n_t])
+    for split in JVP_SPLITTERS:       # loops: a known loop stacking residuals + a linear loop
+        jg = split(jg, jg.inputs[nuser:nuser + n_t])
     tangent_in = jg.inputs[nuser:nuser + n_t]
     lin = linear_vars(jg, tangent_in)
     known_eqns = [e for e in jg.eqns if e.out not in lin]

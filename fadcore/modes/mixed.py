@@ -33,8 +33,8 @@ from ..errors import DifferentiationError
 from ..ir.checks import checked
 from ..ir.graph import Graph, Literal, Var
 from ..ir.passes import simplify
+from ..ir.primitives import Comm
 from ..ir.types import CLIENTS
-from ..loops import loop_p
 from .linearize import linearize
 from .options import Choice, Seed, State
 from .reverse import reverse_from
@@ -105,7 +105,7 @@ def find_boundaries(linear: Graph, lin: set) -> list[Boundary]:
                 break
             region.append(p)
             stack.extend(a for a in p.inputs if isinstance(a, Var) and a in lin)
-        if feasible and any(p.prim is loop_p for p in region):
+        if feasible and any(p.prim.comm is Comm.CONTROL for p in region):
             feasible, why = False, "client work runs a loop (push-forward through a loop " \
                                    "body is not supported yet)"
         if feasible and size > MAX_PUSHFORWARD:
