@@ -294,7 +294,8 @@ def main(argv=None) -> int:
                    "features, 10 classes, generated; digits: scikit-learn's 8x8 digits over 20 "
                    "non-IID clients (Dirichlet 0.5 label skew)"),
     p.add_argument("--backend", help="execution backend (default: fadcore's default; "
-                   "reference, numba or dask where available)")
+                   "reference, numba, dask or flower where available: flower runs every "
+                   "round on a Flower simulation, see docs/flower.md)")
     p.add_argument("--model", choices=("softmax", "mlp"), default="softmax",
                    help="softmax regression (default) or an MLP with one tanh hidden layer")
     p.add_argument("--lr-grid", default="",

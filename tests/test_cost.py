@@ -236,3 +236,14 @@ def test_auto_finds_savings_that_need_several_boundaries():
     assert [rounds[f"mixed/stateful pushing {{{i}}}"] for i in range(3)] == [2, 2, 2]
     assert rep["chosen"] in ("forward", "mixed/stateful")
     np.testing.assert_allclose(fad.run(g, *args), fad.grad(outer)(*args), rtol=1e-12)
+
+
+def test_cost_says_which_graphs_need_the_same_clients_back():
+    args = data(3)
+    assert cost_of(fad.grad(fed_mse), args).needs_same_clients          # residuals kept
+    for kw in (dict(state="remat"), dict(mode="mixed"), dict(mode="forward")):
+        assert not cost_of(fad.grad(fed_mse, **kw), args).needs_same_clients
+    t = fad.cost_table({"reverse": cost_of(fad.grad(fed_mse), args),
+                        "remat": cost_of(fad.grad(fed_mse, state="remat"), args)})
+    assert next(x for x in t.splitlines()
+                if x.startswith("clients across rounds")).split()[-2:] == ["same", "any"]

@@ -47,6 +47,13 @@ class CostReport:
     def bytes_up_total(self) -> int:
         return self.bytes_up * self.clients
 
+    @property
+    def needs_same_clients(self) -> bool:
+        """Whether every client must come back for the later rounds (it keeps state between
+        rounds: stateful reverse). Otherwise a runtime may re-sample clients between rounds
+        (cross-device deployments: remat, mixed/auto, forward)."""
+        return self.client_state_bytes > 0
+
     def as_dict(self) -> dict:
         return dict(rounds=self.rounds, bytes_down=self.bytes_down, bytes_up=self.bytes_up,
                     client_state_bytes=self.client_state_bytes, server_flops=self.server_flops,
@@ -71,6 +78,9 @@ def cost_table(reports: dict) -> str:
     for label, attr in FIELDS:
         lines.append(label.ljust(w0) + "".join(
             f"{getattr(reports[n], attr):,}".rjust(w) for n, w in zip(names, widths)))
+    lines.append("clients across rounds".ljust(w0) + "".join(
+        ("same" if reports[n].needs_same_clients else "any").rjust(w)
+        for n, w in zip(names, widths)))
     lines.append("communication".ljust(w0) + "".join(p.rjust(w) for p, w in zip(prims, widths)))
     any_r = next(iter(reports.values()))
     lines.append(f"(clients={any_r.clients}, rows={any_r.rows})")
